@@ -1,0 +1,22 @@
+"""normzoo: GroupNorm, LayerNorm, InstanceNorm and BatchNorm from one torch.compile'd engine, picked by name."""
+
+from . import functional
+from .layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+)
+from .registry import available, build, load_presets, norm_factory
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "functional", "build", "norm_factory", "available", "load_presets",
+]

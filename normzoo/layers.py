@@ -1,0 +1,372 @@
+"""The nn.Module families: thin specs over normzoo.functional (and so over the one engine).
+
+Constructor arguments, defaults, attribute names and state_dict keys follow torch.nn, so checkpoints load in both
+directions. Extra keyword-only arguments: `compile` (default True: Inductor-compiled kernels; also see
+NORMZOO_COMPILE) and `activation` (None, "silu", "relu", "gelu", "gelu_tanh": fused after the affine).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as NF
+
+__all__ = [
+    "GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+]
+
+
+class _Extras:
+    """The keyword-only extensions every family shares."""
+
+    compile: bool
+    activation: str | None
+
+    def _init_extras(self, compile: bool, activation: str | None) -> None:
+        NF._check_activation(activation)
+        self.compile = bool(compile)
+        self.activation = activation
+
+    def _extras_repr(self) -> str:
+        out = "" if self.compile else ", compile=False"
+        return out + (f", activation={self.activation!r}" if self.activation else "")
+
+
+class GroupNorm(_Extras, nn.Module):
+    r"""Group Normalization (Wu and He, 2018), a drop-in for :class:`torch.nn.GroupNorm`.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    Mean and *biased* variance are taken per sample over each group of ``num_channels / num_groups`` channels and
+    all spatial positions; :math:`\gamma, \beta` are per channel. No running statistics: train and eval agree.
+    ``num_groups=1`` takes statistics over (C, *spatial) like LayerNorm but keeps a per-channel affine;
+    ``num_groups=num_channels`` is InstanceNorm with an affine.
+
+    Args:
+        num_groups: number of groups. Give either this or ``group_size``.
+        num_channels: C, must be divisible by the number of groups.
+        eps: added to the variance. Default: 1e-5
+        affine: learnable per-channel weight (ones) and bias (zeros). Default: True
+        group_size: channels per group, in place of ``num_groups`` (keyword only).
+        compile: run Inductor-compiled kernels. Default: True
+        activation: fuse ``"silu"``, ``"relu"``, ``"gelu"`` or ``"gelu_tanh"`` after the affine. Default: None
+
+    Shape:
+        - Input: :math:`(N, C, *)`
+        - Output: :math:`(N, C, *)` (same shape and memory format as the input)
+
+    Example::
+
+        >>> m = normzoo.GroupNorm(32, 64)
+        >>> y = m(torch.randn(8, 64, 56, 56))
+    """
+
+    num_groups: int
+    num_channels: int
+    eps: float
+    affine: bool
+
+    def __init__(self, num_groups: int | None = None, num_channels: int | None = None, eps: float = 1e-5,
+                 affine: bool = True, device=None, dtype=None, *, group_size: int | None = None,
+                 compile: bool = True, activation: str | None = None) -> None:
+        super().__init__()
+        if num_channels is None:
+            raise TypeError("GroupNorm needs num_channels")
+        if (num_groups is None) == (group_size is None):
+            raise ValueError(f"GroupNorm takes exactly one of num_groups and group_size, "
+                             f"got num_groups={num_groups}, group_size={group_size}")
+        if group_size is not None:
+            if group_size <= 0 or num_channels % group_size != 0:
+                raise ValueError(f"num_channels ({num_channels}) must be divisible by group_size ({group_size})")
+            num_groups = num_channels // group_size
+        if num_groups <= 0 or num_channels % num_groups != 0:
+            raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
+        self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
+        self._init_extras(compile, activation)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() < 2 or input.shape[1] != self.num_channels:
+            raise ValueError(f"{type(self).__name__}({self.num_groups}, {self.num_channels}) expects input of shape "
+                             f"(N, {self.num_channels}, *), got {tuple(input.shape)}")
+        return NF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
+                             activation=self.activation, compile=self.compile)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}" + self._extras_repr()
+
+
+class LayerNorm(_Extras, nn.Module):
+    r"""Layer Normalization (Ba et al., 2016), a drop-in for :class:`torch.nn.LayerNorm`.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    Mean and biased variance over the trailing ``len(normalized_shape)`` dims of each row; :math:`\gamma, \beta`
+    have shape ``normalized_shape`` (one per element, not per channel: that is what sets it apart from
+    ``GroupNorm(1, C)``). LayerNorm over the last dim of (N, L, D) is GroupNorm with one group on the (N*L, D)
+    view. No running statistics.
+
+    Args:
+        normalized_shape: int or tuple, the trailing dims to normalize over.
+        eps: added to the variance. Default: 1e-5
+        elementwise_affine: learnable weight (ones) and, if ``bias``, bias (zeros). Default: True
+        bias: learn a bias too (with ``elementwise_affine``). Default: True
+        compile, activation: as for :class:`normzoo.GroupNorm`.
+
+    Shape:
+        - Input: :math:`(*, \text{normalized\_shape})`
+        - Output: same as the input
+
+    Example::
+
+        >>> m = normzoo.LayerNorm(768)
+        >>> y = m(torch.randn(8, 197, 768))
+    """
+
+    normalized_shape: tuple[int, ...]
+    eps: float
+    elementwise_affine: bool
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None, *, compile: bool = True, activation: str | None = None) -> None:
+        super().__init__()
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.eps, self.elementwise_affine = eps, elementwise_affine
+        self._init_extras(compile, activation)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return NF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                             activation=self.activation, compile=self.compile)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+                + self._extras_repr())
+
+
+class _ChannelNorm(_Extras, nn.Module):
+    """Shared by InstanceNorm*d and BatchNorm*d: torch.nn's _NormBase arguments, parameters and buffers.
+
+    Subclasses set `input_dims` (the numbers of dims taken) and `unbatched_dims` (the number of dims that means
+    "no batch dim", or None).
+    """
+
+    input_dims: tuple[int, ...]
+    unbatched_dims: int | None = None
+    _version = 2  # torch.nn's _NormBase state_dict version: num_batches_tracked exists
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 compile: bool = True, activation: str | None = None) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        self._init_extras(compile, activation)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
+            self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # Checkpoints from before num_batches_tracked existed (torch.nn's version < 2) start the count at 0.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _check_input(self, input: Tensor) -> bool:
+        """Validate dims and channels; return True when the input has no batch dim."""
+        if input.dim() not in self.input_dims:
+            want = " or ".join(f"{d}D" for d in self.input_dims)
+            raise ValueError(f"{type(self).__name__} expects a {want} input, got shape {tuple(input.shape)}")
+        no_batch = input.dim() == self.unbatched_dims
+        channel_dim = 0 if no_batch else 1
+        if input.shape[channel_dim] != self.num_features:
+            raise ValueError(f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels at "
+                             f"dim {channel_dim}, got input of shape {tuple(input.shape)}")
+        return no_batch
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
+                + self._extras_repr())
+
+
+class _InstanceNorm(_ChannelNorm):
+    r"""Instance Normalization (Ulyanov et al., 2016), a drop-in for torch.nn.InstanceNorm{1,2,3}d.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    Mean and biased variance per sample and channel over the spatial dims: GroupNorm with one channel per group.
+    No running statistics in normzoo (``track_running_stats=True`` raises: use BatchNorm for those), so train and
+    eval agree. ``affine`` defaults to False, as in torch.nn.
+
+    Shape:
+        - Input: :math:`(N, C, *spatial)` or :math:`(C, *spatial)`
+        - Output: same as the input
+
+    Example::
+
+        >>> m = normzoo.InstanceNorm2d(64, affine=True)
+        >>> y = m(torch.randn(4, 64, 32, 32))
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = False,
+                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
+                 compile: bool = True, activation: str | None = None) -> None:
+        if track_running_stats:
+            raise ValueError(f"{type(self).__name__}(track_running_stats=True) is not supported: in normzoo only "
+                             f"BatchNorm keeps running statistics; use normzoo.{type(self).__name__.replace('Instance', 'Batch')}")
+        super().__init__(num_features, eps, momentum, affine, False, device, dtype, bias=bias, compile=compile,
+                         activation=activation)
+
+    def forward(self, input: Tensor) -> Tensor:
+        no_batch = self._check_input(input)
+        x = input.unsqueeze(0) if no_batch else input
+        y = NF.instance_norm(x, None, None, self.weight, self.bias, True, 0.1, self.eps,
+                             activation=self.activation, compile=self.compile)
+        return y.squeeze(0) if no_batch else y
+
+
+class _BatchNorm(_ChannelNorm):
+    r"""Batch Normalization (Ioffe and Szegedy, 2015), a drop-in for torch.nn.BatchNorm{1,2,3}d.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    In training, mean and biased variance per channel over the batch and spatial dims, and (with
+    ``track_running_stats``) running estimates updated as
+    :math:`\hat{x}_{new} = (1 - \text{momentum}) \hat{x} + \text{momentum}\, x_t` with the *unbiased* batch
+    variance; ``momentum=None`` gives the cumulative average over ``num_batches_tracked`` batches. In eval the
+    running estimates are used, unless ``track_running_stats=False``, in which case batch statistics are.
+
+    Shape:
+        - Input: :math:`(N, C)` or :math:`(N, C, L)` for 1d, :math:`(N, C, H, W)` for 2d,
+          :math:`(N, C, D, H, W)` for 3d
+        - Output: same as the input
+
+    Example::
+
+        >>> m = normzoo.BatchNorm2d(64)
+        >>> y = m(torch.randn(8, 64, 56, 56))
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        momentum = self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, kept as a tensor so nothing syncs or breaks a graph
+                momentum = 1.0 / self.num_batches_tracked.to(torch.float64)
+        use_batch_stats = self.training or self.running_mean is None
+        use_buffers = not self.training or self.track_running_stats
+        return NF.batch_norm(
+            input,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.weight, self.bias, use_batch_stats, momentum if momentum is not None else 0.0, self.eps,
+            activation=self.activation, compile=self.compile,
+        )
+
+
+class InstanceNorm1d(_InstanceNorm):
+    __doc__ = _InstanceNorm.__doc__.replace("{1,2,3}d", "1d")
+    input_dims, unbatched_dims = (2, 3), 2
+
+
+class InstanceNorm2d(_InstanceNorm):
+    __doc__ = _InstanceNorm.__doc__.replace("{1,2,3}d", "2d")
+    input_dims, unbatched_dims = (3, 4), 3
+
+
+class InstanceNorm3d(_InstanceNorm):
+    __doc__ = _InstanceNorm.__doc__.replace("{1,2,3}d", "3d")
+    input_dims, unbatched_dims = (4, 5), 4
+
+
+class BatchNorm1d(_BatchNorm):
+    __doc__ = _BatchNorm.__doc__.replace("{1,2,3}d", "1d")
+    input_dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    __doc__ = _BatchNorm.__doc__.replace("{1,2,3}d", "2d")
+    input_dims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    __doc__ = _BatchNorm.__doc__.replace("{1,2,3}d", "3d")
+    input_dims = (5,)

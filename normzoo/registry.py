@@ -1,0 +1,218 @@
+"""Presets: names -> layer specs, YAML loading, build and norm_factory.
+
+A spec is a preset name (case-insensitive), a dict {"type": <layer type>, **constructor kwargs}, a layer class,
+or any callable taking num_features (a partial, say).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from . import layers
+
+# layer type -> (class, the constructor argument that receives num_features)
+LAYER_TYPES: dict[str, tuple[type[nn.Module], str]] = {
+    "group_norm": (layers.GroupNorm, "num_channels"),
+    "layer_norm": (layers.LayerNorm, "normalized_shape"),
+    "instance_norm": (layers.InstanceNorm2d, "num_features"),
+    "instance_norm1d": (layers.InstanceNorm1d, "num_features"),
+    "instance_norm2d": (layers.InstanceNorm2d, "num_features"),
+    "instance_norm3d": (layers.InstanceNorm3d, "num_features"),
+    "batch_norm": (layers.BatchNorm2d, "num_features"),
+    "batch_norm1d": (layers.BatchNorm1d, "num_features"),
+    "batch_norm2d": (layers.BatchNorm2d, "num_features"),
+    "batch_norm3d": (layers.BatchNorm3d, "num_features"),
+}
+_META_KEYS = ("type", "description")
+
+
+class PresetError(ValueError):
+    """An unknown preset or layer type, or a spec with arguments its layer does not take."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key  # the spec key at fault, so a file loader can point at its line
+
+
+class PresetFileError(PresetError):
+    """A malformed presets file; the message names the file and the line."""
+
+
+_PRESETS: dict[str, dict[str, Any]] = {}  # lower-case name -> spec dict (aliases resolved at lookup)
+_ALIASES: dict[str, str] = {}
+
+
+def _close(name: str, choices) -> str:
+    near = difflib.get_close_matches(name.lower(), list(choices), n=4, cutoff=0.5)
+    return f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+
+
+def _check_spec(spec: Mapping, where: str) -> None:
+    """Raise PresetError naming `where` if the spec's type or arguments are not ones its layer takes."""
+    if not isinstance(spec, Mapping):
+        raise PresetError(f"{where}: a spec must be a mapping with a 'type', got {spec!r}")
+    kind = spec.get("type")
+    if kind not in LAYER_TYPES:
+        raise PresetError(f"{where}: unknown layer type {kind!r}{_close(str(kind), LAYER_TYPES)}; "
+                          f"types: {', '.join(LAYER_TYPES)}", key="type")
+    cls, feature_arg = LAYER_TYPES[kind]
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in params if p not in ("self", feature_arg)]
+    for key in spec:
+        if key not in _META_KEYS and key not in allowed:
+            raise PresetError(f"{where}: {kind} takes no argument {key!r}{_close(key, allowed)}; "
+                              f"it takes {', '.join(allowed)}", key=key)
+
+
+def register(name: str, spec: Mapping | str, where: str = "register") -> None:
+    """Add a preset (a spec dict) or an alias (the name of another preset) under `name`."""
+    key = name.lower()
+    if isinstance(spec, str):
+        _ALIASES[key] = spec.lower()
+        _PRESETS.pop(key, None)
+    else:
+        _check_spec(spec, where)
+        _PRESETS[key] = dict(spec)
+        _ALIASES.pop(key, None)
+
+
+def _resolve(name: str) -> dict[str, Any]:
+    key, seen = name.lower(), []
+    while key in _ALIASES and key not in seen:
+        seen.append(key)
+        key = _ALIASES[key]
+    if key not in _PRESETS:
+        raise PresetError(f"unknown norm preset {name!r}{_close(name, available())} "
+                          f"(normzoo.available() lists them all)")
+    return _PRESETS[key]
+
+
+def available() -> list[str]:
+    """All preset names and aliases, sorted."""
+    return sorted(set(_PRESETS) | set(_ALIASES))
+
+
+def describe() -> list[dict[str, str]]:
+    """One row per preset for `normzoo list`: name, type, arguments, description."""
+    rows = []
+    for name in available():
+        spec = _resolve(name)
+        args = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in _META_KEYS)
+        desc = f"alias of {_ALIASES[name]}" if name in _ALIASES else spec.get("description", "")
+        rows.append({"name": name, "type": spec["type"], "arguments": args, "description": desc})
+    return rows
+
+
+def resolve_spec(spec: str | Mapping) -> dict[str, Any]:
+    """A spec dict (copied) for a preset name or a dict spec; raises PresetError for bad ones."""
+    if isinstance(spec, str):
+        return dict(_resolve(spec))
+    _check_spec(spec, "spec")
+    return dict(spec)
+
+
+def build(spec, num_features: int, **overrides) -> nn.Module:
+    """Build the layer `spec` names for `num_features` channels (the last dim D for layer norms).
+
+    `overrides` replace the preset's arguments; num_groups and group_size replace each other.
+    """
+    if not isinstance(spec, (str, Mapping)):
+        if callable(spec):
+            return spec(num_features, **overrides)
+        raise PresetError(f"a norm spec must be a preset name, a dict, a class or a callable; got {spec!r}")
+    merged = resolve_spec(spec)
+    if "num_groups" in overrides:
+        merged.pop("group_size", None)
+    if "group_size" in overrides:
+        merged.pop("num_groups", None)
+    merged.update(overrides)
+    _check_spec(merged, f"spec {spec!r}" if isinstance(spec, str) else "spec")
+    cls, feature_arg = LAYER_TYPES[merged["type"]]
+    kwargs = {k: v for k, v in merged.items() if k not in _META_KEYS}
+    return cls(**{feature_arg: num_features}, **kwargs)
+
+
+def norm_factory(spec, **overrides) -> Callable[[int], nn.Module]:
+    """A callable num_features -> layer, for `norm_layer=` slots in model constructors. Checks the spec now."""
+    if isinstance(spec, (str, Mapping)):
+        resolve_spec(spec)  # fail at model definition, not at the first layer
+    elif not callable(spec):
+        raise PresetError(f"a norm spec must be a preset name, a dict, a class or a callable; got {spec!r}")
+    factory = functools.partial(build, spec, **overrides)
+    return factory
+
+
+def load_presets(path: str | Path) -> list[str]:
+    """Add the presets of a YAML file (name -> spec dict, or name -> other name for an alias); return the names.
+
+    Errors name the file and the line. Nothing is registered unless the whole file is valid.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise PresetFileError(f"{path}: cannot read presets file ({err.strerror})") from None
+    return _load_text(text, str(path))
+
+
+def _load_text(text: str, where: str) -> list[str]:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise PresetFileError(f"{where}:{line}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise PresetFileError(f"{where}: line 1: a presets file is a mapping of name -> spec, got "
+                              f"{type(data).__name__}")
+    lines = {k.value: (k.start_mark.line + 1, v) for k, v in root.value}
+    staged = []
+    for name, spec in data.items():
+        line, node = lines.get(name, (1, None))
+        here = f"{where}: line {line}: preset {name!r}"
+        if not isinstance(name, str):
+            raise PresetFileError(f"{here}: preset names are strings")
+        if not isinstance(spec, (str, Mapping)):
+            raise PresetFileError(f"{here}: a spec is a mapping with a 'type' or the name of another preset, "
+                                  f"got {spec!r}")
+        if isinstance(spec, Mapping):
+            try:
+                _check_spec(spec, here)
+            except PresetError as err:
+                key_lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if node is not None else {}
+                if err.key in key_lines:  # point at the offending key's own line
+                    here = f"{where}: line {key_lines[err.key]}: preset {name!r}"
+                raise PresetFileError(str(err).replace(f"{where}: line {line}: preset {name!r}", here)) from None
+        staged.append((name, spec))
+    for name, spec in staged:
+        register(name, spec)
+    for name, spec in staged:
+        if isinstance(spec, str):
+            try:
+                _resolve(name)
+            except PresetError:
+                _ALIASES.pop(name.lower(), None)
+                line = lines.get(name, (1, None))[0]
+                raise PresetFileError(f"{where}: line {line}: alias {name!r} names unknown preset {spec!r}"
+                                      f"{_close(spec, available())}") from None
+    return [name for name, _ in staged]
+
+
+def _load_shipped() -> None:
+    text = resources.files("normzoo.configs").joinpath("layers.yaml").read_text()
+    _load_text(text, "normzoo/configs/layers.yaml")
+
+
+_load_shipped()
