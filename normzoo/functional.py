@@ -121,6 +121,8 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     _check_affine("bias", bias, (C,), "one per channel")
     if training:
         _check_more_than_one_value(list(input.shape))
+        if eps <= 0.0:  # as torch.nn.functional.batch_norm: zero-variance channels would give inf/NaN
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif running_mean is None or running_var is None:
         raise ValueError("batch_norm with training=False needs running_mean and running_var")
     dims = (0,) + tuple(range(2, input.dim() + 1))

@@ -18,6 +18,8 @@ import yaml
 from torch import nn
 
 from . import layers
+from .frozen import FrozenBatchNorm2d
+from .sync import SyncBatchNorm
 
 # layer type -> (class, the constructor argument that receives num_features)
 LAYER_TYPES: dict[str, tuple[type[nn.Module], str]] = {
@@ -31,6 +33,8 @@ LAYER_TYPES: dict[str, tuple[type[nn.Module], str]] = {
     "batch_norm1d": (layers.BatchNorm1d, "num_features"),
     "batch_norm2d": (layers.BatchNorm2d, "num_features"),
     "batch_norm3d": (layers.BatchNorm3d, "num_features"),
+    "frozen_batch_norm": (FrozenBatchNorm2d, "num_features"),
+    "sync_batch_norm": (SyncBatchNorm, "num_features"),
 }
 _META_KEYS = ("type", "description")
 
@@ -126,6 +130,9 @@ def build(spec, num_features: int, **overrides) -> nn.Module:
     `overrides` replace the preset's arguments; num_groups and group_size replace each other.
     """
     if not isinstance(spec, (str, Mapping)):
+        feature_arg = {cls: arg for cls, arg in LAYER_TYPES.values()}.get(spec)
+        if feature_arg is not None:  # a zoo class: pass num_features by name (GroupNorm's first is num_groups)
+            return spec(**{feature_arg: num_features}, **overrides)
         if callable(spec):
             return spec(num_features, **overrides)
         raise PresetError(f"a norm spec must be a preset name, a dict, a class or a callable; got {spec!r}")

@@ -1,0 +1,108 @@
+"""The compile policy: compiled by default, per-signature kernels in a bounded cache, no eager fallback,
+inlined inside a user's torch.compile, and a loud fallback when no C++ compiler exists."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import normzoo
+from normzoo import compiling
+
+
+def test_layers_run_compiled_by_default_and_reuse_kernels():
+    m = normzoo.GroupNorm(2, 4)
+    x = torch.randn(2, 4, 3, 5)
+    before = compiling.cache_info()["compiles"]
+    m(x)
+    assert compiling.cache_info()["compiles"] == before + 1
+    m(x + 1)
+    normzoo.GroupNorm(2, 4)(x)  # another instance, same signature: same kernel
+    assert compiling.cache_info()["compiles"] == before + 1
+
+
+def test_compile_false_and_env_var_turn_compilation_off(monkeypatch):
+    x = torch.randn(2, 4, 3, 7)
+    before = compiling.cache_info()["compiles"]
+    normzoo.GroupNorm(2, 4, compile=False)(x)
+    monkeypatch.setenv("NORMZOO_COMPILE", "0")
+    normzoo.GroupNorm(2, 4)(x)
+    assert compiling.cache_info()["compiles"] == before
+
+
+def test_many_shapes_never_hit_dynamos_recompile_limit(monkeypatch):
+    """12 shapes through one layer: 12 static kernels, none falling back to eager after dynamo's 8."""
+    monkeypatch.setenv("NORMZOO_CACHE_SIZE", "5")
+    m = normzoo.LayerNorm(8)
+    graphs = counters["stats"]["unique_graphs"]
+    before = compiling.cache_info()
+    with torch.no_grad():
+        for rows in range(2, 14):
+            x = torch.randn(rows, 8)
+            torch.testing.assert_close(m(x), nn.functional.layer_norm(x, (8,)))
+    info = compiling.cache_info()
+    assert info["compiles"] - before["compiles"] == 12
+    assert counters["stats"]["unique_graphs"] - graphs == 12  # each shape got a real Inductor graph
+    assert info["signatures"] <= 5 and info["evictions"] - before["evictions"] >= 7
+    assert info["compile_seconds"] > before["compile_seconds"]
+
+
+def test_missing_cxx_compiler_warns_once_and_stays_correct(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(compiling._state, "broken", None)
+    x = torch.randn(3, 6, 11)  # a signature no other test compiles
+    no_compiler = inductor_config.patch({"cpp.cxx": (None, "/nonexistent/g++"), "fx_graph_cache": False})
+    with no_compiler, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = normzoo.GroupNorm(3, 6)(x)
+        y2 = normzoo.GroupNorm(3, 6)(x * 2)
+    torch.testing.assert_close(y, nn.functional.group_norm(x, 3))
+    torch.testing.assert_close(y2, nn.functional.group_norm(x * 2, 3))
+    msgs = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
+    assert len(msgs) == 1 and "eagerly" in msgs[0]
+    assert compiling.cache_info()["compile_disabled_reason"]
+
+
+class SmallNet(nn.Module):
+    def __init__(self, lib):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = lib.GroupNorm(4, 8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = lib.BatchNorm2d(8)
+        self.inorm = lib.InstanceNorm2d(8, affine=True)
+        self.ln = lib.LayerNorm(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.gn(self.conv1(x)))
+        x = torch.relu(self.inorm(self.bn(self.conv2(x))))
+        return self.head(self.ln(x.mean((2, 3))))
+
+
+def test_zoo_net_compiles_fullgraph_and_matches_torch_net():
+    torch.manual_seed(1)
+    ref = SmallNet(nn)
+    zoo = SmallNet(normzoo)
+    zoo.load_state_dict(ref.state_dict(), strict=True)
+    compiled = torch.compile(zoo, fullgraph=True)
+    graphs = counters["stats"]["unique_graphs"]
+    for step, mode in enumerate(["train", "eval", "train", "eval", "train"]):
+        zoo.train(mode == "train")
+        ref.train(mode == "train")
+        x = torch.randn(4, 3, 8, 8)
+        out_z, out_r = compiled(x), ref(x)
+        torch.testing.assert_close(out_z, out_r, atol=1e-5, rtol=1e-4)
+        if mode == "train":
+            out_z.square().sum().backward()
+            out_r.square().sum().backward()
+            for (name, pz), pr in zip(zoo.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(pz.grad, pr.grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+                pz.grad = pr.grad = None
+    for (name, bz), br in zip(zoo.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(bz, br, msg=lambda m: f"{name}: {m}")
+    # train/eval switches: one graph per mode, no recompile storm
+    assert counters["stats"]["unique_graphs"] - graphs <= 2
