@@ -12,11 +12,15 @@ from .layers import (
     LayerNorm,
 )
 from .registry import available, build, load_presets, norm_factory
+from .frozen import FrozenBatchNorm2d
+from .sync import SyncBatchNorm
+from .convert import ConversionError, convert
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "FrozenBatchNorm2d", "SyncBatchNorm", "convert", "ConversionError",
     "functional", "build", "norm_factory", "available", "load_presets",
 ]
