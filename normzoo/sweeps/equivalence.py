@@ -1,0 +1,226 @@
+"""The equivalence sweep: the zoo and torch.nn, each against the float64 oracle, case by case.
+
+Per case: forward output, input gradient and parameter gradients for a fixed random upstream gradient, and for
+BatchNorm in train mode the running statistics after WARM_STEPS + 1 steps. Errors are max-abs errors divided by
+the oracle's max-abs value. The tolerance is
+
+    tol = base(dtype) * (1 + eps(compute) / eps(dtype) * |mean(x)| / std(x)),   base(dtype) = 16 * eps(dtype)
+
+(base from the sweep's `tolerances` when given). The first term is rounding to the dtype; the second is the cost
+of x - mean in the precision the arithmetic runs in (float32 for float16/bfloat16, as torch's CPU kernels do it):
+about eps * |x| / std in the normalized output, so an input with mean 1e3 and std 1 is allowed about 1e3 times
+the error of a centred one.
+
+Verdicts: PASS (zoo within tolerance), TORCH-OFF (zoo within, torch not), FAIL (zoo outside, or it raised).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import report as rp
+from .grid import DTYPES, Case, Sweep, format_shape, memory_format
+from .oracle import Reference, norm_of, torch_counterpart
+
+WARM_STEPS = 2  # BatchNorm train: steps before the checked one, so the running statistics have a history
+PASS, FAIL, TORCH_OFF = "PASS", "FAIL", "TORCH-OFF"
+TOLERANCE_RULE = ("error = max|got - oracle| / max|oracle|, for the output, each gradient and each running statistic; "
+                  "tol = base(dtype) * (1 + eps(compute)/eps(dtype) * |mean(x)|/std(x)), base = 16 * eps(dtype) "
+                  "unless the sweep sets `tolerances`; compute = float32 for float16/bfloat16, else the dtype")
+
+
+def rel_err(a: Tensor | None, ref: Tensor | None) -> float | None:
+    """max |a - ref| / max |ref| in float64; inf if a has a non-finite value where ref does not."""
+    if a is None or ref is None:
+        return None
+    a, ref = a.detach().to(torch.float64), ref.detach().to(torch.float64)
+    if not torch.isfinite(a).all():
+        return math.inf
+    scale = ref.abs().max().item()
+    err = (a - ref).abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+def _max(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return max(vals) if vals else None
+
+
+def _run(layer, norm, steps: list[Tensor], x: Tensor, dy: Tensor) -> dict:
+    """Warm steps (forward only, as a training loop's earlier batches), then forward + backward on x."""
+    for s in steps:
+        layer(s.clone().requires_grad_(True))
+    xr = x.clone().requires_grad_(True)
+    y = layer(xr)
+    params = [p for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)) if p is not None]
+    grads = torch.autograd.grad(y, [xr] + params, dy)
+    out = {"y": y.detach(), "dx": grads[0]}
+    names = [n for n in ("weight", "bias") if getattr(norm, n, None) is not None]
+    out.update({f"d{n}": g for n, g in zip(names, grads[1:])})
+    for buf in ("running_mean", "running_var"):
+        if getattr(norm, buf, None) is not None and norm.training:
+            out[buf] = getattr(norm, buf).detach().clone()
+    return out
+
+
+def _oracle(ref: Reference, steps: list[Tensor], x: Tensor, dy: Tensor, training: bool) -> dict:
+    for s in steps:
+        ref.forward(s, training)
+    x64 = x.detach().to(torch.float64).requires_grad_(True)
+    y = ref.forward(x64, training)
+    params = ref.params()
+    grads = torch.autograd.grad(y, [x64] + params, dy.to(torch.float64))
+    out = {"y": y.detach(), "dx": grads[0]}
+    names = [n for n, p in (("weight", ref.weight), ("bias", ref.bias)) if p is not None]
+    out.update({f"d{n}": g for n, g in zip(names, grads[1:])})
+    if training and ref.running_mean is not None:
+        out["running_mean"], out["running_var"] = ref.running_mean, ref.running_var
+    return out
+
+
+def _errors(got: dict | None, want: dict) -> dict | None:
+    if got is None:
+        return None
+    return {k: rel_err(got.get(k), v) for k, v in want.items()}
+
+
+def run_case(case: Case, seed: int = 0) -> dict:
+    """Measure one case; never raises for a layer's failure (a zoo exception is a FAIL with its message)."""
+    dtype = DTYPES[case.dtype]
+    fmt = memory_format(case.layout, len(case.shape))
+    gen = torch.Generator().manual_seed(seed)
+
+    def sample(offset: float) -> Tensor:
+        t = torch.randn(case.shape, generator=gen, dtype=torch.float64) + offset
+        return t.to(dtype).contiguous(memory_format=fmt)
+
+    training = case.mode == "train"
+    zoo = case.build().to(dtype)
+    with torch.no_grad():  # a non-trivial affine (and running statistics near the data for eval)
+        for name, p in zoo.named_parameters():
+            r = torch.rand(p.shape, generator=gen, dtype=torch.float64)
+            p.copy_(r + 0.5 if name == "weight" else r - 0.5)
+        if not training and getattr(zoo, "running_mean", None) is not None:
+            c = zoo.running_mean.shape
+            zoo.running_mean.copy_(case.offset + torch.randn(c, generator=gen, dtype=torch.float64) * 0.5)
+            zoo.running_var.copy_(0.5 + torch.rand(c, generator=gen, dtype=torch.float64))
+    zoo.train(training)
+    theirs = torch_counterpart(zoo)
+    ref = Reference(zoo)
+    bn_train = training and getattr(zoo, "running_mean", None) is not None
+    steps = [sample(case.offset) for _ in range(WARM_STEPS)] if bn_train else []
+    x = sample(case.offset)
+    dy = torch.randn(case.shape, generator=gen, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+
+    want = _oracle(ref, steps, x, dy, training)
+    notes = []
+    try:
+        got_zoo = _run(zoo, zoo, steps, x, dy)
+    except Exception as err:  # noqa: BLE001 - the sweep reports it as this case's FAIL and goes on
+        got_zoo = None
+        notes.append(f"normzoo raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    try:
+        got_torch = _run(theirs, norm_of(theirs), steps, x, dy)
+    except Exception as err:  # noqa: BLE001 - torch lacking a kernel is a finding, not our failure
+        got_torch = None
+        notes.append(f"torch raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+
+    x64 = x.to(torch.float64)
+    std = x64.std().item()
+    # float16/bfloat16 arithmetic runs in float32 (torch's CPU kernels and the zoo alike)
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    ratio = torch.finfo(compute).eps / torch.finfo(dtype).eps
+    magnitude = 1.0 + ratio * (abs(x64.mean().item()) / std if std > 0 else 0.0)
+    tol = case.tolerance * magnitude
+    ez, et = _errors(got_zoo, want), _errors(got_torch, want)
+    diff = None
+    if got_zoo is not None and got_torch is not None:
+        diff = _max(rel_err(got_zoo[k], got_torch[k]) for k in want if k in got_zoo and k in got_torch)
+
+    def pick(errs, keys):
+        return None if errs is None else _max(errs.get(k) for k in keys)
+
+    grad_keys = [k for k in want if k.startswith("d")]
+    stat_keys = [k for k in want if k.startswith("running")]
+    zoo_ok = ez is not None and all(v is not None and v <= tol for v in ez.values())
+    torch_ok = et is None or all(v is not None and v <= tol for v in et.values())
+    verdict = FAIL if not zoo_ok else (PASS if torch_ok else TORCH_OFF)
+    return {
+        "layer": case.layer,
+        "family": case.family,
+        "type": case.spec_dict["type"],
+        "shape": list(case.shape),
+        "dtype": case.dtype,
+        "layout": case.layout,
+        "offset": case.offset,
+        "mode": case.mode,
+        "compiled": case.compiled,
+        "tolerance": tol,
+        "magnitude": magnitude,
+        "err_zoo": pick(ez, ["y"]),
+        "err_torch": pick(et, ["y"]),
+        "grad_err_zoo": pick(ez, grad_keys),
+        "grad_err_torch": pick(et, grad_keys),
+        "stats_err_zoo": pick(ez, stat_keys) if stat_keys else None,
+        "stats_err_torch": pick(et, stat_keys) if stat_keys else None,
+        "diff_zoo_torch": diff,
+        "errors": {"zoo": ez, "torch": et},
+        "verdict": verdict,
+        "note": "; ".join(notes) or None,
+    }
+
+
+def build_report(sweep: Sweep, results: list[dict], interrupted: bool = False) -> dict:
+    counts = {v: sum(r["verdict"] == v for r in results) for v in (PASS, FAIL, TORCH_OFF)}
+    return {
+        "kind": "equivalence",
+        "source": sweep.source,
+        "environment": rp.environment(),
+        "summary": {"cases": len(results), "pass": counts[PASS], "fail": counts[FAIL],
+                    "torch_off": counts[TORCH_OFF]},
+        "tolerance": TOLERANCE_RULE,
+        "notes": list(sweep.notes) + [f"{r['layer']} {format_shape(r['shape'])} {r['dtype']}: {r['note']}"
+                                      for r in results if r.get("note")],
+        "cases": results,
+    }
+
+
+def _offset(v: float) -> str:
+    return "0" if v == 0 else rp.sci(v).replace(".0", "").replace("e+", "e")
+
+
+COLUMNS = [
+    rp.Column("layer", lambda c: c["layer"][:14]),
+    rp.Column("shape", lambda c: format_shape(c["shape"])),
+    rp.Column("dtype", lambda c: rp.short_dtype(c["dtype"])),
+    rp.Column("lay", lambda c: "cl" if c["layout"] == "channels_last" else "c"),
+    rp.Column("off", lambda c: _offset(c["offset"]), "right"),
+    rp.Column("mode", lambda c: c["mode"]),
+    rp.Column("comp", lambda c: "yes" if c["compiled"] else "no"),
+    rp.Column("out\nzoo", lambda c: rp.sci(c["err_zoo"]), "right"),
+    rp.Column("out\ntorch", lambda c: rp.sci(c["err_torch"]), "right"),
+    rp.Column("grad\nzoo", lambda c: rp.sci(c["grad_err_zoo"]), "right"),
+    rp.Column("grad\ntorch", lambda c: rp.sci(c["grad_err_torch"]), "right"),
+    rp.Column("stats\nzoo", lambda c: rp.sci(c["stats_err_zoo"]), "right"),
+    rp.Column("stats\ntorch", lambda c: rp.sci(c["stats_err_torch"]), "right"),
+    rp.Column("tol", lambda c: rp.sci(c["tolerance"]), "right"),
+    rp.Column("verdict", lambda c: c["verdict"]),
+]
+
+
+def label(case: Case) -> str:
+    return (f"{case.layer} {format_shape(case.shape)} {case.dtype} {case.layout} off={case.offset:g} "
+            f"{case.mode} {'compiled' if case.compiled else 'eager'}")
+
+
+def run(sweep: Sweep, on_update=lambda report: None, progress: rp.Progress | None = None) -> tuple[dict, bool]:
+    """Run every case; returns (report, interrupted)."""
+    return rp.drive(sweep.cases, run_case, lambda res, intr: build_report(sweep, res, intr), on_update,
+                    label=label, progress=progress)
+
+
+def exit_status(report: dict) -> int:
+    return 1 if report["summary"]["fail"] else 0

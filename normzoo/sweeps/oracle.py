@@ -1,0 +1,144 @@
+"""What the zoo is checked against: a float64 oracle written apart from normzoo's engine, and torch.nn itself.
+
+The oracle is the textbook math in float64, two passes (mean, then the biased variance of x - mean), per family,
+with autograd in float64 for the gradients. It reads only the layer's configuration (groups, eps, momentum,
+affine tensors, running buffers), never normzoo's engine.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import layers as zl
+
+TORCH_ACTIVATIONS = {
+    "silu": lambda: nn.SiLU(),
+    "relu": lambda: nn.ReLU(),
+    "gelu": lambda: nn.GELU(),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+}
+_F64_ACTIVATIONS = {
+    "silu": lambda t: t * torch.sigmoid(t),
+    "relu": lambda t: t.clamp_min(0),
+    "gelu": lambda t: 0.5 * t * (1 + torch.erf(t / 2 ** 0.5)),
+    "gelu_tanh": lambda t: 0.5 * t * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (t + 0.044715 * t ** 3))),
+}
+
+
+def torch_counterpart(zoo: nn.Module) -> nn.Module:
+    """The torch.nn layer doing what `zoo` does, with the same state (followed by the activation, if any)."""
+    if isinstance(zoo, zl.GroupNorm):
+        t = nn.GroupNorm(zoo.num_groups, zoo.num_channels, zoo.eps, zoo.affine)
+    elif isinstance(zoo, zl.LayerNorm):
+        t = nn.LayerNorm(zoo.normalized_shape, zoo.eps, zoo.elementwise_affine,
+                         bias=zoo.bias is not None or not zoo.elementwise_affine)
+    elif isinstance(zoo, (zl._InstanceNorm, zl._BatchNorm)):
+        t = getattr(nn, type(zoo).__name__)(zoo.num_features, zoo.eps, zoo.momentum, zoo.affine,
+                                             zoo.track_running_stats, bias=zoo.bias is not None or not zoo.affine)
+    else:
+        raise TypeError(f"no torch.nn counterpart for {type(zoo).__name__}")
+    p = next(zoo.parameters(), None)
+    t = t.to(dtype=p.dtype if p is not None else torch.float32, device=_device(zoo))
+    t.load_state_dict(zoo.state_dict())
+    t.train(zoo.training)
+    if zoo.activation is not None:
+        t = nn.Sequential(t, TORCH_ACTIVATIONS[zoo.activation]())
+    return t
+
+
+def norm_of(module: nn.Module) -> nn.Module:
+    """The norm layer inside a counterpart (the first of an activation Sequential)."""
+    return module[0] if isinstance(module, nn.Sequential) else module
+
+
+def _device(m: nn.Module) -> torch.device:
+    for t in list(m.parameters()) + list(m.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _f64(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def _normalize(x: Tensor, dims: tuple[int, ...], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Two-pass float64 statistics over dims: (x - mean) / sqrt(var + eps), mean, biased var."""
+    mean = x.mean(dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dims, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps), mean, var
+
+
+def _affine(y: Tensor, w: Tensor | None, b: Tensor | None, shape) -> Tensor:
+    if w is not None:
+        y = y * w.reshape(shape)
+    if b is not None:
+        y = y + b.reshape(shape)
+    return y
+
+
+class Reference:
+    """Float64 copy of a layer's configuration and state; `forward` is the oracle for one call of the layer.
+
+    Running buffers (BatchNorm) evolve across calls exactly as the layer's should: EMA with momentum of the batch
+    mean and the unbiased batch variance, or the cumulative average when momentum is None.
+    """
+
+    def __init__(self, zoo: nn.Module) -> None:
+        self.zoo = zoo
+        self.weight = _f64(zoo.weight) if getattr(zoo, "weight", None) is not None else None
+        self.bias = _f64(zoo.bias) if getattr(zoo, "bias", None) is not None else None
+        if self.weight is not None:
+            self.weight.requires_grad_(True)
+        if self.bias is not None:
+            self.bias.requires_grad_(True)
+        self.running_mean = _f64(getattr(zoo, "running_mean", None))
+        self.running_var = _f64(getattr(zoo, "running_var", None))
+        self.batches = 0
+
+    def params(self) -> list[Tensor]:
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    def forward(self, x: Tensor, training: bool) -> Tensor:
+        z, x = self.zoo, x.to(torch.float64)
+        n, c = x.shape[0], x.shape[1] if x.dim() > 1 else None
+        if isinstance(z, zl.GroupNorm):
+            xg = x.reshape(n, z.num_groups, -1)
+            y, _, _ = _normalize(xg, (2,), z.eps)
+            y = _affine(y.reshape(x.shape), self.weight, self.bias, (1, c) + (1,) * (x.dim() - 2))
+        elif isinstance(z, zl.LayerNorm):
+            k = len(z.normalized_shape)
+            y, _, _ = _normalize(x, tuple(range(x.dim() - k, x.dim())), z.eps)
+            y = _affine(y, self.weight, self.bias, z.normalized_shape)
+        elif isinstance(z, zl._InstanceNorm):
+            y, _, _ = _normalize(x, tuple(range(2, x.dim())), z.eps)
+            y = _affine(y, self.weight, self.bias, (1, c) + (1,) * (x.dim() - 2))
+        elif isinstance(z, zl._BatchNorm):
+            shape = (1, c) + (1,) * (x.dim() - 2)
+            dims = (0,) + tuple(range(2, x.dim()))
+            if training or self.running_mean is None:
+                y, mean, var = _normalize(x, dims, z.eps)
+                if training and self.running_mean is not None:
+                    self._update(mean.detach().reshape(-1), var.detach().reshape(-1), x.numel() // c)
+            else:
+                rm, rv = self.running_mean.reshape(shape), self.running_var.reshape(shape)
+                y = (x - rm) / torch.sqrt(rv + z.eps)
+            y = _affine(y, self.weight, self.bias, shape)
+        else:
+            raise TypeError(f"no oracle for {type(z).__name__}")
+        if z.activation is not None:
+            y = _F64_ACTIVATIONS[z.activation](y)
+        return y
+
+    def _update(self, mean: Tensor, var: Tensor, n: int) -> None:
+        self.batches += 1
+        m = self.zoo.momentum
+        factor = 1.0 / self.batches if m is None else m
+        unbiased = var * n / max(n - 1, 1)
+        self.running_mean = (1 - factor) * self.running_mean + factor * mean
+        self.running_var = (1 - factor) * self.running_var + factor * unbiased
+
+
+
+
+__all__ = ["Reference", "torch_counterpart", "norm_of", "TORCH_ACTIVATIONS"]
