@@ -155,6 +155,7 @@ def test_cli_formats(sweep_file, tmp_path, capsys):
 
     out = tmp_path / "r.json"
     assert cli.main(["equivalence", str(sweep_file), "--format", "json", "--output", str(out)]) == 0
+    assert "written to" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert set(data["summary"]) == {"cases", "pass", "fail", "torch_off"} and data["summary"]["cases"] == 12
     assert {"torch", "device", "threads"} <= set(data["environment"])

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import report as rp
+from ..frozen import FrozenBatchNorm2d
 from .grid import DTYPES, Case, Sweep, format_shape, memory_format
 from .oracle import Reference, norm_of, torch_counterpart
 
@@ -55,13 +56,12 @@ def _run(layer, norm, steps: list[Tensor], x: Tensor, dy: Tensor) -> dict:
         layer(s.clone().requires_grad_(True))
     xr = x.clone().requires_grad_(True)
     y = layer(xr)
-    params = [p for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)) if p is not None]
-    grads = torch.autograd.grad(y, [xr] + params, dy)
+    names = [n for n in ("weight", "bias") if getattr(norm, n, None) is not None and getattr(norm, n).requires_grad]
+    grads = torch.autograd.grad(y, [xr] + [getattr(norm, n) for n in names], dy)
     out = {"y": y.detach(), "dx": grads[0]}
-    names = [n for n in ("weight", "bias") if getattr(norm, n, None) is not None]
     out.update({f"d{n}": g for n, g in zip(names, grads[1:])})
     for buf in ("running_mean", "running_var"):
-        if getattr(norm, buf, None) is not None and norm.training:
+        if getattr(norm, buf, None) is not None and norm.training and not isinstance(norm, FrozenBatchNorm2d):
             out[buf] = getattr(norm, buf).detach().clone()
     return out
 
@@ -74,9 +74,9 @@ def _oracle(ref: Reference, steps: list[Tensor], x: Tensor, dy: Tensor, training
     params = ref.params()
     grads = torch.autograd.grad(y, [x64] + params, dy.to(torch.float64))
     out = {"y": y.detach(), "dx": grads[0]}
-    names = [n for n, p in (("weight", ref.weight), ("bias", ref.bias)) if p is not None]
+    names = [n for n, p in (("weight", ref.weight), ("bias", ref.bias)) if p is not None and p.requires_grad]
     out.update({f"d{n}": g for n, g in zip(names, grads[1:])})
-    if training and ref.running_mean is not None:
+    if training and ref.running_mean is not None and not isinstance(ref.zoo, FrozenBatchNorm2d):
         out["running_mean"], out["running_var"] = ref.running_mean, ref.running_var
     return out
 
@@ -99,18 +99,21 @@ def run_case(case: Case, seed: int = 0) -> dict:
 
     training = case.mode == "train"
     zoo = case.build().to(dtype)
-    with torch.no_grad():  # a non-trivial affine (and running statistics near the data for eval)
-        for name, p in zoo.named_parameters():
-            r = torch.rand(p.shape, generator=gen, dtype=torch.float64)
-            p.copy_(r + 0.5 if name == "weight" else r - 0.5)
-        if not training and getattr(zoo, "running_mean", None) is not None:
+    frozen = isinstance(zoo, FrozenBatchNorm2d)
+    with torch.no_grad():  # a non-trivial affine (and running statistics near the data where they are used)
+        for name in ("weight", "bias"):
+            p = getattr(zoo, name, None)
+            if p is not None:
+                r = torch.rand(p.shape, generator=gen, dtype=torch.float64)
+                p.copy_(r + 0.5 if name == "weight" else r - 0.5)
+        if (not training or frozen) and getattr(zoo, "running_mean", None) is not None:
             c = zoo.running_mean.shape
             zoo.running_mean.copy_(case.offset + torch.randn(c, generator=gen, dtype=torch.float64) * 0.5)
             zoo.running_var.copy_(0.5 + torch.rand(c, generator=gen, dtype=torch.float64))
     zoo.train(training)
-    theirs = torch_counterpart(zoo)
+    theirs = torch_counterpart(zoo, len(case.shape))
     ref = Reference(zoo)
-    bn_train = training and getattr(zoo, "running_mean", None) is not None
+    bn_train = training and getattr(zoo, "running_mean", None) is not None and not frozen
     steps = [sample(case.offset) for _ in range(WARM_STEPS)] if bn_train else []
     x = sample(case.offset)
     dy = torch.randn(case.shape, generator=gen, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)

@@ -61,9 +61,12 @@ def default_tolerance(dtype: str) -> float:
     return K_TOL * torch.finfo(DTYPES[dtype]).eps
 
 
+FAMILIES = ("group_norm", "layer_norm", "instance_norm", "batch_norm")
+
+
 def family_of(layer_type: str) -> str:
-    """group_norm, layer_norm, instance_norm or batch_norm."""
-    return layer_type.rstrip("123d") if layer_type.endswith("d") and layer_type[-2].isdigit() else layer_type
+    """group_norm, layer_norm, instance_norm or batch_norm (sync_batch_norm, frozen_batch_norm: batch_norm)."""
+    return next((f for f in FAMILIES if f in layer_type), layer_type)
 
 
 @dataclass(frozen=True)
@@ -307,8 +310,8 @@ def _expand_grid(grid, gi: int, kind: str, src: str):
             if mode == "eval" and fam != "batch_norm":
                 yield f"eval skipped for {fam}: without running statistics it computes what train does"
                 continue
-            if mode == "eval" and spec.get("track_running_stats") is False:
-                yield "eval skipped for batch_norm(track_running_stats=False): it computes what train does"
+            if mode == "eval" and (spec.get("track_running_stats") is False or spec["type"] == "frozen_batch_norm"):
+                yield f"eval skipped for {label}: it computes what train does"
                 continue
             yield Case(grid=gi, layer=label, spec=tuple(sorted(spec.items())), shape=shape, dtype=dtype,
                        layout=layout, mode=mode, offset=offset, compiled=comp, pass_=pass_,

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import layers as zl
+from ..frozen import FrozenBatchNorm2d
+from ..sync import SyncBatchNorm
 
 TORCH_ACTIVATIONS = {
     "silu": lambda: nn.SiLU(),
@@ -26,9 +28,28 @@ _F64_ACTIVATIONS = {
 }
 
 
-def torch_counterpart(zoo: nn.Module) -> nn.Module:
-    """The torch.nn layer doing what `zoo` does, with the same state (followed by the activation, if any)."""
-    if isinstance(zoo, zl.GroupNorm):
+def _torch_batchnorm(ndim: int | None):
+    return {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 5: nn.BatchNorm3d}.get(ndim, nn.BatchNorm2d)
+
+
+def torch_counterpart(zoo: nn.Module, ndim: int | None = None) -> nn.Module:
+    """The torch.nn layer doing what `zoo` does, with the same state (followed by the activation, if any).
+
+    `ndim`, the input's number of dims, picks BatchNorm1d/2d/3d for normzoo's any-dims SyncBatchNorm and
+    FrozenBatchNorm2d (a frozen layer is torch's BatchNorm in eval mode with its affine not learned).
+    """
+    if isinstance(zoo, FrozenBatchNorm2d):
+        t = _torch_batchnorm(ndim)(zoo.num_features, zoo.eps)
+        t.weight.requires_grad_(False)
+        t.bias.requires_grad_(False)
+        t = t.to(dtype=zoo.running_mean.dtype, device=zoo.running_mean.device)
+        state = dict(zoo.state_dict(), num_batches_tracked=t.num_batches_tracked)
+        t.load_state_dict(state)
+        t.eval()
+        return nn.Sequential(t, TORCH_ACTIVATIONS[zoo.activation]()) if zoo.activation else t
+    if isinstance(zoo, SyncBatchNorm):
+        t = _torch_batchnorm(ndim)(zoo.num_features, zoo.eps, zoo.momentum, zoo.affine, zoo.track_running_stats)
+    elif isinstance(zoo, zl.GroupNorm):
         t = nn.GroupNorm(zoo.num_groups, zoo.num_channels, zoo.eps, zoo.affine)
     elif isinstance(zoo, zl.LayerNorm):
         t = nn.LayerNorm(zoo.normalized_shape, zoo.eps, zoo.elementwise_affine,
@@ -88,16 +109,15 @@ class Reference:
         self.zoo = zoo
         self.weight = _f64(zoo.weight) if getattr(zoo, "weight", None) is not None else None
         self.bias = _f64(zoo.bias) if getattr(zoo, "bias", None) is not None else None
-        if self.weight is not None:
-            self.weight.requires_grad_(True)
-        if self.bias is not None:
-            self.bias.requires_grad_(True)
+        for name in ("weight", "bias"):  # learnable where the layer's are (a frozen layer's are buffers)
+            if getattr(self, name) is not None and getattr(zoo, name).requires_grad:
+                getattr(self, name).requires_grad_(True)
         self.running_mean = _f64(getattr(zoo, "running_mean", None))
         self.running_var = _f64(getattr(zoo, "running_var", None))
         self.batches = 0
 
     def params(self) -> list[Tensor]:
-        return [p for p in (self.weight, self.bias) if p is not None]
+        return [p for p in (self.weight, self.bias) if p is not None and p.requires_grad]
 
     def forward(self, x: Tensor, training: bool) -> Tensor:
         z, x = self.zoo, x.to(torch.float64)
@@ -113,9 +133,11 @@ class Reference:
         elif isinstance(z, zl._InstanceNorm):
             y, _, _ = _normalize(x, tuple(range(2, x.dim())), z.eps)
             y = _affine(y, self.weight, self.bias, (1, c) + (1,) * (x.dim() - 2))
-        elif isinstance(z, zl._BatchNorm):
+        elif isinstance(z, (zl._BatchNorm, FrozenBatchNorm2d)):
             shape = (1, c) + (1,) * (x.dim() - 2)
             dims = (0,) + tuple(range(2, x.dim()))
+            if isinstance(z, FrozenBatchNorm2d):
+                training = False
             if training or self.running_mean is None:
                 y, mean, var = _normalize(x, dims, z.eps)
                 if training and self.running_mean is not None:

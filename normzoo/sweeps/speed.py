@@ -1,0 +1,298 @@
+"""The speed sweep: normzoo against torch.nn eager, torch.compile of torch.nn, and the copy floor.
+
+Per case and thread count:
+  1. build the four contenders; the first call of each is timed apart (`compile_s`: Inductor compiles there);
+  2. check each norm's output (and gradients, for forward_backward) against torch eager, within twice the
+     equivalence tolerance: a contender that disagrees is reported with no time (a wrong-but-fast kernel
+     must not show up as a win);
+  3. time with torch.utils.benchmark (it synchronizes CUDA), contenders interleaved and rotated, `blocks` blocks
+     each of about BLOCK_S seconds; report the median per call and the spread (interquartile range / median).
+
+Throughput is the minimal memory traffic over the median time: forward reads x and writes y (2 tensors);
+forward_backward adds reading x and dy and writing dx (5 in all). `copy` moves exactly that traffic: x.clone()
+for the forward, plus x + dy for the backward. ratio = normzoo / torch; floor_x = normzoo / copy.
+"""
+
+from __future__ import annotations
+
+import statistics
+import types
+
+import torch
+from torch import Tensor
+from torch.utils import benchmark
+
+from . import report as rp
+from .equivalence import rel_err
+from .grid import DTYPES, Case, Sweep, format_shape, memory_format
+from .oracle import norm_of, torch_counterpart
+
+CONTENDERS = ("torch", "torch_compiled", "normzoo", "copy")
+BLOCK_S = 0.05  # seconds per timing block per contender
+TRAFFIC = {"forward": 2, "forward_backward": 5}  # tensors of x's size read or written, at the least
+
+
+def check_device(device: str) -> str | None:
+    """An error message if the device cannot run, else None."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: CUDA is not available in this torch build or on this machine"
+    return None
+
+
+def plot_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _compiled(module: torch.nn.Module, tag: int):
+    """torch.compile of a call to `module`, through a fresh code object: dynamo keeps its compiled-code cache
+    per code object and falls back to eager after 8 entries, so cases must not share one."""
+    def call(x):
+        return module(x)
+
+    code = call.__code__.replace(co_name=f"torch_compiled_case_{tag}")
+    fresh = types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
+    return torch.compile(fresh, dynamic=False)
+
+
+def _params(norm: torch.nn.Module) -> list[Tensor]:
+    return [p for p in (getattr(norm, "weight", None), getattr(norm, "bias", None))
+            if isinstance(p, Tensor) and p.requires_grad]
+
+
+def _step_fn(layer, params: list[Tensor], x: Tensor, dy: Tensor, pass_: str):
+    """One call as users make it: forward under no_grad, or forward + backward to the input and parameters."""
+    if pass_ == "forward":
+        def fwd():
+            with torch.no_grad():
+                return (layer(x),)
+        return fwd
+
+    xg = x.detach().requires_grad_(True)
+
+    def fwd_bwd():
+        y = layer(xg)
+        return (y.detach(),) + torch.autograd.grad(y, [xg] + params, dy)
+    return fwd_bwd
+
+
+def _copy_fn(x: Tensor, dy: Tensor, pass_: str):
+    if pass_ == "forward":
+        return lambda: (x.clone(),)
+    return lambda: (x.clone(), torch.add(x, dy))
+
+
+def _time_first(fn, device: str):
+    import time
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+_tag = 0
+
+
+def run_case(case: Case, threads: int, blocks: int = 5, device: str = "cpu") -> dict:
+    global _tag
+    _tag += 1
+    torch.set_num_threads(threads)
+    dtype = DTYPES[case.dtype]
+    fmt = memory_format(case.layout, len(case.shape))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(case.shape, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(case.shape, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+    training = case.mode == "train"
+
+    zoo = case.build(device, compile=True).to(dtype).train(training)
+    eager = torch_counterpart(zoo, len(case.shape)).train(training)
+    compiled_module = torch_counterpart(zoo, len(case.shape)).train(training)
+    layers = {"torch": (eager, norm_of(eager)), "torch_compiled": (_compiled(compiled_module, _tag),
+                                                                    norm_of(compiled_module)),
+              "normzoo": (zoo, zoo)}
+    fns = {name: _step_fn(layer, _params(norm), x, dy, case.pass_) for name, (layer, norm) in layers.items()}
+    fns["copy"] = _copy_fn(x, dy, case.pass_)
+
+    first, compile_s = {}, {}
+    notes = []
+    for name, fn in fns.items():
+        try:
+            first[name], seconds = _time_first(fn, device)
+        except Exception as err:  # noqa: BLE001 - a contender that cannot run is reported, not fatal
+            notes.append(f"{name} raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            continue
+        if name in ("torch_compiled", "normzoo"):
+            compile_s[name] = round(seconds, 3)
+
+    # every norm must agree with torch eager before it is timed
+    tol = 2 * case.tolerance
+    agree = {}
+    for name in ("torch_compiled", "normzoo"):
+        if name in first and "torch" in first:
+            agree[name] = max(rel_err(a, b) for a, b in zip(first[name], first["torch"]))
+            if not agree[name] <= tol:
+                notes.append(f"{name} disagrees with torch (error {rp.sci(agree[name])} > {rp.sci(tol)}): not timed")
+                del first[name]
+    timed = [n for n in CONTENDERS if n in first]
+
+    timers = {n: benchmark.Timer(stmt="fn()", globals={"fn": fns[n]}, num_threads=threads) for n in timed}
+    number = {}
+    for n in timed:  # calibrate: calls per block of about BLOCK_S
+        t = timers[n].timeit(1).median
+        number[n] = max(1, int(BLOCK_S / max(t, 1e-7)))
+    samples: dict[str, list[float]] = {n: [] for n in timed}
+    for b in range(blocks):  # interleaved, and rotated so no contender always runs first
+        for n in timed[b % len(timed):] + timed[:b % len(timed)]:
+            samples[n].append(timers[n].timeit(number[n]).median)
+
+    def quartiles(v):
+        return statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
+
+    times_ms = {n: None for n in CONTENDERS}
+    spread, blocks_ms = {}, {}
+    for n in timed:
+        q1, med, q3 = quartiles(samples[n])
+        times_ms[n] = med * 1e3
+        spread[n] = (q3 - q1) / med if med > 0 else 0.0
+        blocks_ms[n] = [s * 1e3 for s in samples[n]]
+    nbytes = TRAFFIC[case.pass_] * x.numel() * x.element_size()
+    gbps = {n: (nbytes / (t * 1e-3) / 1e9 if t else None) for n, t in times_ms.items()}
+
+    def div(a, b):
+        return times_ms[a] / times_ms[b] if times_ms[a] and times_ms[b] else None
+
+    return {
+        "layer": case.layer,
+        "family": case.family,
+        "type": case.spec_dict["type"],
+        "activation": case.spec_dict.get("activation"),
+        "shape": list(case.shape),
+        "dtype": case.dtype,
+        "layout": case.layout,
+        "mode": case.mode,
+        "pass": case.pass_,
+        "threads": threads,
+        "device": device,
+        "times_ms": times_ms,
+        "spread": spread,
+        "gbps": gbps,
+        "ratio": div("normzoo", "torch"),
+        "ratio_compiled": div("normzoo", "torch_compiled"),
+        "floor_x": div("normzoo", "copy"),
+        "compile_s": compile_s,
+        "agreement": agree,
+        "bytes": nbytes,
+        "blocks_ms": blocks_ms,
+        "calls_per_block": number,
+        "note": "; ".join(notes) or None,
+    }
+
+
+def build_report(sweep: Sweep, results: list[dict], interrupted: bool, device: str) -> dict:
+    ratios = [r["ratio"] for r in results if r["ratio"]]
+    geo = statistics.geometric_mean(ratios) if ratios else None
+    return {
+        "kind": "speed",
+        "source": sweep.source,
+        "environment": rp.environment(device, sweep.threads),
+        "summary": {"cases": len(results), "blocks": sweep.blocks,
+                    "ratio_geomean": round(geo, 3) if geo else None,
+                    "faster": sum(1 for r in ratios if r < 1), "slower": sum(1 for r in ratios if r >= 1),
+                    "not_timed": sum(1 for r in results if r["times_ms"]["normzoo"] is None)},
+        "method": "median ms per call over blocks (torch.utils.benchmark, contenders interleaved); ratio = normzoo / "
+                  "torch eager; floor_x = normzoo / copy; GB/s of the minimal traffic (forward: read x, write y; "
+                  "backward adds read x, dy, write dx); compile_s = first call",
+        "notes": list(sweep.notes) + [f"{r['layer']} {format_shape(r['shape'])} {r['dtype']} {r['pass']}: {r['note']}"
+                                      for r in results if r.get("note")],
+        "cases": results,
+    }
+
+
+def _ms(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+PASS_SHORT = {"forward": "fwd", "forward_backward": "fwd+bwd"}
+COLUMNS = [
+    rp.Column("layer", lambda c: c["layer"][:12]),
+    rp.Column("shape", lambda c: format_shape(c["shape"])),
+    rp.Column("dtype", lambda c: rp.short_dtype(c["dtype"])),
+    rp.Column("lay", lambda c: "cl" if c["layout"] == "channels_last" else "c"),
+    rp.Column("pass", lambda c: PASS_SHORT[c["pass"]] + (" ev" if c["mode"] == "eval" else "")),
+    rp.Column("thr", lambda c: str(c["threads"]), "right"),
+    rp.Column("torch\nms", lambda c: _ms(c["times_ms"]["torch"]), "right"),
+    rp.Column("compiled\nms", lambda c: _ms(c["times_ms"]["torch_compiled"]), "right"),
+    rp.Column("normzoo\nms", lambda c: _ms(c["times_ms"]["normzoo"]), "right"),
+    rp.Column("copy\nms", lambda c: _ms(c["times_ms"]["copy"]), "right"),
+    rp.Column("spread\nzoo", lambda c: f"{100 * c['spread']['normzoo']:.0f}%" if "normzoo" in c["spread"] else "-",
+              "right"),
+    rp.Column("ratio\nzoo/t", lambda c: _x(c["ratio"]), "right"),
+    rp.Column("ratio\nzoo/comp", lambda c: _x(c["ratio_compiled"]), "right"),
+    rp.Column("floor_x\nzoo/copy", lambda c: _x(c["floor_x"]), "right"),
+    rp.Column("zoo\nGB/s", lambda c: _x(c["gbps"]["normzoo"]) if c["gbps"]["normzoo"] else "-", "right"),
+    rp.Column("compile s\nzoo/comp", lambda c: "/".join(f"{c['compile_s'].get(k, 0):.1f}"
+                                                         for k in ("normzoo", "torch_compiled")), "right"),
+]
+
+
+def label(item) -> str:
+    case, threads = item
+    return f"{case.layer} {format_shape(case.shape)} {case.dtype} {case.layout} {case.pass_} {case.mode} t{threads}"
+
+
+def run(sweep: Sweep, on_update=lambda report: None, progress: rp.Progress | None = None,
+        device: str = "cpu") -> tuple[dict, bool]:
+    """Run every (case, thread count); returns (report, interrupted). Restores torch's thread count."""
+    before = torch.get_num_threads()
+    items = [(c, t) for t in sweep.threads for c in sweep.cases]
+    try:
+        return rp.drive(items, lambda item: run_case(item[0], item[1], sweep.blocks, device),
+                        lambda res, intr: build_report(sweep, res, intr, device), on_update,
+                        label=label, progress=progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def exit_status(report: dict) -> int:
+    """1 if a contender disagreed with torch (it was not timed), else 0."""
+    return 1 if any("disagrees" in (c.get("note") or "") for c in report["cases"]) else 0
+
+
+def plot(report: dict, path: str) -> None:
+    """A PNG bar chart of normzoo / torch per case (log scale; 1 = parity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for c in report["cases"] if c["ratio"]]
+    names = [f"{c['layer']} {format_shape(c['shape'])} {rp.short_dtype(c['dtype'])} "
+             f"{'cl' if c['layout'] == 'channels_last' else 'c'} {PASS_SHORT[c['pass']]}"
+             f"{' eval' if c['mode'] == 'eval' else ''} t{c['threads']}" for c in cases]
+    ratios = [c["ratio"] for c in cases]
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(cases) + 1.5))
+    ax.barh(range(len(cases)), ratios, color=["tab:green" if r < 1 else "tab:red" for r in ratios])
+    ax.set_yticks(range(len(cases)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("time normzoo / torch eager (lower is better; < 1: normzoo faster)")
+    env = report["environment"]
+    ax.set_title(f"normzoo speed, {env['date']}, torch {env['torch']}, {env['device']}, threads {env['threads']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,119 @@
+"""The speed sweep: schema, report formats, plot, and that no contender is timed before it agrees with torch.
+
+No timing thresholds: timings on a shared machine say nothing about correctness.
+"""
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+import yaml
+
+import normzoo
+from normzoo import cli
+from normzoo.sweeps import grid, speed
+
+SWEEP = {"threads": 1, "blocks": 2,
+         "grids": [{"layers": ["ln"], "shapes": [[2, 3, 16]], "passes": ["forward", "forward_backward"]},
+                   {"layers": ["bn"], "shapes": [[2, 4, 3, 3]], "modes": ["eval"], "passes": ["forward"],
+                    "layouts": ["channels_last"]}]}
+
+
+@pytest.fixture
+def sweep_file(tmp_path):
+    p = tmp_path / "speed.yaml"
+    p.write_text(yaml.safe_dump(SWEEP))
+    return p
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """Report plumbing without compiles: normzoo's eager engine, torch.compile left out (one test compiles)."""
+    monkeypatch.setenv("NORMZOO_COMPILE", "0")
+    monkeypatch.setattr(speed, "_compiled", lambda module, tag: module)
+
+
+def test_cli_formats(sweep_file, tmp_path, capsys, eager):
+    assert cli.main(["speed", str(sweep_file)]) == 0
+    table = capsys.readouterr().out
+    assert max(len(line) for line in table.splitlines()) <= 120
+    assert "normzoo" in table.splitlines()[0] and "cases: 3" in table
+
+    out = tmp_path / "s.json"
+    assert cli.main(["speed", str(sweep_file), "--format", "json", "--output", str(out)]) == 0
+    capsys.readouterr()
+    data = json.loads(out.read_text())
+    env = data["environment"]
+    assert {"torch", "device", "cpu", "threads", "allocator"} <= set(env) and env["threads"] == [1]
+    assert [c["pass"] for c in data["cases"]] == ["forward", "forward_backward", "forward"]
+    for c in data["cases"]:
+        assert set(c["times_ms"]) == {"torch", "torch_compiled", "normzoo", "copy"}
+        assert all(t > 0 for t in c["times_ms"].values())
+        assert c["ratio"] == pytest.approx(c["times_ms"]["normzoo"] / c["times_ms"]["torch"])
+        assert c["floor_x"] == pytest.approx(c["times_ms"]["normzoo"] / c["times_ms"]["copy"])
+        assert {"layer", "shape", "dtype", "layout", "compile_s", "spread", "gbps"} <= set(c)
+        assert len(c["blocks_ms"]["normzoo"]) == 2
+    fb = data["cases"][1]
+    assert fb["bytes"] == 5 * 2 * 3 * 16 * 4  # forward + backward: x, y, x, dy, dx
+    assert data["cases"][2]["mode"] == "eval" and data["cases"][2]["layout"] == "channels_last"
+
+    assert cli.main(["speed", str(sweep_file), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 3 and float(rows[0]["times_ms.normzoo"]) > 0 and rows[0]["shape"] == "2x3x16"
+    assert cli.main(["speed", str(sweep_file), "--format", "markdown"]) == 0
+    assert "| layer " in capsys.readouterr().out
+
+
+def test_plot(sweep_file, tmp_path, capsys, eager):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "ratios.png"
+    assert cli.main(["speed", str(sweep_file), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_is_a_clear_error(sweep_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(speed, "plot_available", lambda: False)
+    assert cli.main(["speed", str(sweep_file), "--plot", str(tmp_path / "p.png")]) == 2
+    assert "pip install 'normzoo[plot]'" in capsys.readouterr().err
+
+
+def test_wrong_but_fast_contender_is_not_timed(sweep_file, capsys, eager, monkeypatch):
+    """A contender whose output is wrong gets no time and no ratio, and the sweep exits 1."""
+    real = normzoo.functional.layer_norm
+    monkeypatch.setattr(normzoo.functional, "layer_norm", lambda *a, **k: real(*a, **k) * 1.001)
+    sw = grid.load(sweep_file, "speed")
+    r = speed.run_case(sw.cases[0], threads=1, blocks=1)
+    assert r["times_ms"]["normzoo"] is None and r["ratio"] is None and r["floor_x"] is None
+    assert r["times_ms"]["torch"] > 0 and "normzoo disagrees with torch" in r["note"]
+    assert r["agreement"]["normzoo"] > 2 * sw.cases[0].tolerance
+    assert cli.main(["speed", str(sweep_file)]) == 1
+
+
+def test_real_compiled_contenders_agree_before_timing():
+    """normzoo compiled and torch.compile, forward: both checked against torch eager, then timed."""
+    sw = grid.parse({"threads": 1, "blocks": 1,
+                     "grids": [{"layers": ["gn32_silu"], "shapes": [[2, 32, 4, 4]], "passes": ["forward"]}]},
+                    "speed", "t.yaml")
+    r = speed.run_case(sw.cases[0], threads=1, blocks=1)
+    assert r["activation"] == "silu" and r["note"] is None
+    assert set(r["agreement"]) == {"torch_compiled", "normzoo"}
+    assert all(e <= 2 * sw.cases[0].tolerance for e in r["agreement"].values())
+    assert all(t > 0 for t in r["times_ms"].values())
+    assert set(r["compile_s"]) == {"torch_compiled", "normzoo"}
+    assert torch.get_num_threads() >= 1
+
+
+def test_bad_input_exit_2(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"grids": [{"layers": ["ln"], "shapes": [[2, 3, 8]], "passes": ["backward"]}]}))
+    assert cli.main(["speed", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "passes" in err and "'backward'" in err
+    bad.write_text(yaml.safe_dump({"grids": [{"layers": ["ln"], "shapes": [[2, 3, 8]], "offsets": [1]}]}))
+    assert cli.main(["speed", str(bad)]) == 2
+    assert "'offsets'" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["speed", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
