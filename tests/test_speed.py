@@ -117,3 +117,21 @@ def test_bad_input_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["speed", "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_contender_right_where_torch_is_off_is_timed(sweep_file, eager, monkeypatch):
+    """Disagreeing with torch is not enough to drop a contender: where torch eager is off and the contender is
+    within tolerance of the float64 oracle, it is timed, with a note."""
+    real = speed.torch_counterpart
+
+    def off(zoo, ndim=None):
+        t = real(zoo, ndim)
+        t.eps = 0.05  # torch eager (and its compiled copy) visibly off
+        return t
+
+    monkeypatch.setattr(speed, "torch_counterpart", off)
+    case = grid.load(sweep_file, "speed").cases[1]  # layer norm, forward + backward
+    r = speed.run_case(case, threads=1, blocks=1)
+    assert r["times_ms"]["normzoo"] > 0 and r["ratio"] is not None
+    assert "torch eager is off" in r["note"] and "normzoo is within" in r["note"]
+    assert r["agreement"]["normzoo"] > 2 * case.tolerance

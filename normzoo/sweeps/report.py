@@ -121,7 +121,8 @@ def summary_line(report: dict) -> str:
     return ", ".join(f"{k.replace('_', '-')}: {v}" for k, v in s.items())
 
 
-def render(report: dict, fmt: str, columns: list[Column]) -> str:
+def render(report: dict, fmt: str, columns: list[Column], preamble: bool = True) -> str:
+    """The report as text. preamble=False: markdown without its summary and environment lines (for embedding)."""
     if fmt == "json":
         return json.dumps(_plain(report), indent=1) + "\n"
     cases = report["cases"]
@@ -140,8 +141,8 @@ def render(report: dict, fmt: str, columns: list[Column]) -> str:
     env_line = (f"{env.get('date', '')}, torch {env.get('torch', '')}, {env.get('device', '')}, "
                 f"{env.get('cpu', '')}, threads {env.get('threads', '')}")
     if fmt == "markdown":
-        lines = [f"**{summary_line(report)}**", "", f"Environment: {env_line}.", ""]
-        if env.get("allocator"):
+        lines = [f"**{summary_line(report)}**", "", f"Environment: {env_line}.", ""] if preamble else []
+        if env.get("allocator") and preamble:
             lines += [f"Allocator settings: {env['allocator']}.", ""]
         lines.append(tabulate(rows, headers, tablefmt="github", colalign=align, disable_numparse=True))
         lines += [""] + [f"- {n}" for n in report.get("notes", [])]
