@@ -95,8 +95,8 @@ def test_torch_off_when_torch_is_wrong(monkeypatch):
     """Verdict logic: the zoo within tolerance and torch outside -> TORCH-OFF, with both errors."""
     real = oracle.torch_counterpart
 
-    def off(zoo):  # torch with a 10x larger eps: a small, systematic error
-        t = real(zoo)
+    def off(zoo, ndim=None):  # torch with a 1000x larger eps: a small, systematic error
+        t = real(zoo, ndim)
         t.eps = zoo.eps * 1e3
         return t
 
@@ -123,7 +123,7 @@ def test_torch_exception_keeps_the_zoo_verdict(monkeypatch):
         def forward(self, x):
             raise NotImplementedError("no kernel for this dtype")
 
-    monkeypatch.setattr(eq, "torch_counterpart", lambda zoo: Broken())
+    monkeypatch.setattr(eq, "torch_counterpart", lambda zoo, ndim=None: Broken())
     r = eq.run_case(one_case())
     assert r["verdict"] == "PASS" and r["err_torch"] is None and "no kernel" in r["note"]
 
