@@ -2,12 +2,12 @@
 
 Every family is a `NormSpec` over the same math. For an input x of shape (N, C, *spatial):
 
-    view      x.unflatten(1, (G, C // G))   (channel families; a view for any strides, so channels_last stays free)
-    mean, var over `spec.dims` of that view (var biased: divide by n), sums in float64 for float32 input
+    moments   per (sample, channel) over the spatial dims: shifted single pass, sums in float64 for float32 input
+    combine   pool them over the C/G channels of each group (and over the batch for BatchNorm): biased variance
     y         (x - mean) * rsqrt(var + eps) * weight + bias,   then an optional fused activation
 
-GroupNorm reduces (C/G channels, spatial); InstanceNorm is G = C; BatchNorm is G = C with the batch dim added to
-the reduced set; LayerNorm reduces the trailing `normalized_shape` dims with no channel split.
+GroupNorm pools C/G channels; InstanceNorm is G = C (nothing to pool); BatchNorm is G = C pooled over the batch;
+LayerNorm takes the moments of the trailing `normalized_shape` dims of each row directly.
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ ACTIVATIONS = {
 
 @dataclass(frozen=True)
 class NormSpec:
-    """What to normalize over; static (hashable) so each spec compiles to its own kernel."""
+    """What to normalize over; static (hashable), so each spec compiles to its own kernel."""
 
-    groups: int | None  # split dim 1 into (groups, C // groups); None: no split (layer_norm)
-    dims: tuple[int, ...]  # dims of that view the statistics are taken over
+    groups: int | None  # channel norms: C is split into this many groups; None: layer norm
     eps: float
+    trailing: int = 0  # layer norm: how many trailing dims the statistics are taken over
+    batch: bool = False  # BatchNorm: the batch dim joins the reduced set
     batch_stats: bool = True  # False: normalize with the given running statistics (BatchNorm eval)
     momentum: float | None = None  # BatchNorm training: EMA factor for the running buffers; None: no update
     activation: str | None = None
@@ -60,36 +61,54 @@ def moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
     """Statistics of x over dims (keepdim), in a single pass: (shift, mean - shift, biased variance).
 
     Each reduced set is shifted by one of its own elements before the sums, so E[d^2] - E[d]^2 does not cancel
-    catastrophically when the mean is large next to the spread (torch's channels_last CPU kernels do not shift),
-    and x - shift is exact in float32 when x and the shift are close. The sums run in stats_dtype(x.dtype).
-    The shift is detached: mean and variance do not depend on it, so its gradient is exactly zero.
-    Returns shift and mean - shift in x's dtype, variance in stats_dtype.
+    catastrophically when the mean is large next to the spread (torch's channels_last CPU kernels do not shift).
+    The sums run in stats_dtype(x.dtype). The shift is detached: mean and variance do not depend on it.
+    Returns the shift in x's dtype, mean - shift and the variance in stats_dtype.
     """
+    sd = stats_dtype(x.dtype)
+    if not dims:  # sets of one element each: the mean is the element itself (no shift: it carries the gradient)
+        return torch.zeros_like(x), x.to(sd), torch.zeros_like(x, dtype=sd)
     if x.numel() == 0:  # an empty batch: no statistics to take, and nothing they would be applied to
-        zero = x.sum(dims, keepdim=True)
-        return zero, zero, zero + 1
+        zero = x.detach().sum(dims, keepdim=True).to(sd)
+        return zero.to(x.dtype), zero, zero + 1
     shift = x.detach()
     for d in dims:
         shift = shift.narrow(d, 0, 1)
     n = _count(x, dims)
-    d = (x - shift).to(stats_dtype(x.dtype))
+    d = x.to(sd) - shift.to(sd)  # exact: float32 differences are representable in float64
     mean_d = d.sum(dims, keepdim=True) / n
     var = ((d * d).sum(dims, keepdim=True) / n - mean_d * mean_d).clamp_min(0)
-    return shift, mean_d.to(x.dtype), var
+    return shift, mean_d, var
+
+
+def combine(shift: Tensor, mean_d: Tensor, var: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Pool the moments of equal-sized sets over `dims` (keepdim): the parallel-variance formula (Chan et al.),
+    var = mean(var_i) + mean((mean_i - mean)^2), so no E[x^2] - E[x]^2 cancellation between the sets either.
+    Returns the pooled mean and biased variance, in mean_d's dtype."""
+    means = shift.to(mean_d.dtype) + mean_d
+    mean = means.mean(dims, keepdim=True)
+    return mean, var.mean(dims, keepdim=True) + (means - mean).square().mean(dims, keepdim=True)
 
 
 def normalize_affine(x: Tensor, shift: Tensor, mean_d: Tensor, var: Tensor, eps: float,
                      weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """((x - shift) - mean_d) * rsqrt(var + eps) * weight + bias, with mean = shift + mean_d.
+    """((x - shift) - mean_d) * rsqrt(var + eps) * weight + bias, computed in compute_dtype(x.dtype).
 
-    Subtracting the shift first keeps inputs with a large mean exact; weight and bias are folded into one
-    per-channel scale and offset.
+    mean = shift + mean_d. Subtracting the shift first keeps inputs with a large mean exact.
     """
-    scale = torch.rsqrt(var + eps).to(x.dtype)
-    if weight is not None:
-        scale = scale * weight
-    y = ((x - shift) - mean_d) * scale
-    return y if bias is None else y + bias
+    cd = compute_dtype(x.dtype)
+    return _apply(x, shift, mean_d.to(cd), _scale(var, eps, weight, cd), bias)
+
+
+def _scale(var: Tensor, eps: float, weight: Tensor | None, cd: torch.dtype) -> Tensor:
+    scale = torch.rsqrt(var + eps).to(cd)
+    return scale if weight is None else scale * weight.to(cd)
+
+
+def _apply(x: Tensor, shift: Tensor, mean_d: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    cd = compute_dtype(x.dtype)
+    y = ((x.to(cd) - shift.to(cd)) - mean_d) * scale
+    return y if bias is None else y + bias.to(cd)
 
 
 def forward(
@@ -100,47 +119,57 @@ def forward(
     running_mean: Tensor | None = None,
     running_var: Tensor | None = None,
     momentum: Tensor | None = None,
-) -> Tensor:
-    """Normalize x as `spec` says. Inputs are validated by normzoo.functional before they get here.
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Normalize x as `spec` says; inputs are validated by normzoo.functional before they get here.
 
     running_mean / running_var: read when spec.batch_stats is False; updated in place (EMA with spec.momentum,
     or with the tensor `momentum` when given, for the cumulative average) when spec.momentum is set.
+    Returns (y, params): params are the small per-channel (or per-row) tensors y is computed from. Returning
+    them makes Inductor store them once, instead of recomputing the rsqrt and the divisions for every element.
     """
-    acc = compute_dtype(x.dtype)
-    xa = x.to(acc)
-    if spec.groups is None:  # layer_norm: affine broadcasts over the trailing dims as it is
-        xv, affine_shape = xa, None
+    cd = compute_dtype(x.dtype)
+    if spec.groups is None:  # layer norm: statistics per row over the trailing dims, affine per element
+        dims = tuple(range(x.dim() - spec.trailing, x.dim()))
+        shift, mean_d, var = moments(x, dims)
+        mean_d, scale = mean_d.to(cd), _scale(var, spec.eps, None, cd)
+        y = _apply(x, shift, mean_d, scale, None)
+        if weight is not None:
+            y = y * weight.to(cd)
+        if bias is not None:
+            y = y + bias.to(cd)
+        params = (mean_d, scale)
     else:
-        xv = xa.unflatten(1, (spec.groups, x.shape[1] // spec.groups))
-        affine_shape = (spec.groups, -1) + (1,) * (x.dim() - 2)
-    w = None if weight is None else weight.to(acc)
-    b = None if bias is None else bias.to(acc)
-    if affine_shape is not None:
-        w = None if w is None else w.reshape(affine_shape)
-        b = None if b is None else b.reshape(affine_shape)
-
-    if spec.batch_stats:
-        shift, mean_d, var = moments(xv, spec.dims)
-        if spec.momentum is not None and running_mean is not None and running_var is not None:
-            _update_running(spec, xv, shift, mean_d, var, running_mean, running_var, momentum)
-    else:
-        stat_shape = (1, -1, 1) + (1,) * (x.dim() - 2)
-        shift = running_mean.to(acc).reshape(stat_shape)
-        mean_d = torch.zeros_like(shift)
-        var = running_var.to(acc).reshape(stat_shape)
-
-    y = normalize_affine(xv, shift, mean_d, var, spec.eps, w, b)
+        # channel norms: moments per (sample, channel) over the spatial dims, pooled over the channels of a group
+        # (and the batch, for BatchNorm). Per-channel partial sums keep every loop affine in the channel index, so
+        # Inductor vectorizes them in both memory formats.
+        N, C, G = x.shape[0], x.shape[1], spec.groups
+        per_channel = (N, C) + (1,) * (x.dim() - 2)
+        affine = (C,) + (1,) * (x.dim() - 2)
+        if spec.batch_stats:
+            shift, mean_d, var = moments(x, tuple(range(2, x.dim())))
+            members = lambda t: t.reshape(N, G, C // G)  # noqa: E731
+            mean, var = combine(members(shift), members(mean_d), members(var), (0, 2) if spec.batch else (2,))
+            if spec.momentum is not None and running_mean is not None and running_var is not None:
+                _update_running(spec, x.numel() // C, mean, var, running_mean, running_var, momentum)
+            mean_d = (mean - members(shift).to(mean.dtype)).reshape(per_channel)
+            var = var.expand(N, G, C // G).reshape(per_channel)
+        else:
+            shift = running_mean.reshape(affine)
+            mean_d = torch.zeros_like(shift, dtype=cd)
+            var = running_var.reshape(affine)
+        mean_d = mean_d.to(cd)
+        scale = _scale(var, spec.eps, None if weight is None else weight.reshape(affine), cd)
+        y = _apply(x, shift, mean_d, scale, None if bias is None else bias.reshape(affine))
+        params = (mean_d, scale)
     if spec.activation is not None:
         y = ACTIVATIONS[spec.activation](y)
-    return y.reshape(x.shape).to(x.dtype)
+    return y.to(x.dtype), tuple(p.detach() for p in params)
 
 
-def _update_running(spec, xv, shift, mean_d, var, running_mean, running_var, momentum) -> None:
-    """BatchNorm's running buffers: EMA of the batch mean and of the *unbiased* batch variance."""
-    n = _count(xv, spec.dims)
+def _update_running(spec, n, mean, var, running_mean, running_var, momentum) -> None:
+    """BatchNorm's running buffers: EMA of the batch mean and of the *unbiased* batch variance (n values)."""
     factor = spec.momentum if momentum is None else momentum
     with torch.no_grad():
-        batch_mean = (shift.to(var.dtype) + mean_d.to(var.dtype)).reshape(-1)
         batch_var = var.reshape(-1) * (n / max(n - 1, 1))
-        running_mean.mul_(1 - factor).add_(batch_mean.to(running_mean.dtype) * factor)
+        running_mean.mul_(1 - factor).add_(mean.reshape(-1).to(running_mean.dtype) * factor)
         running_var.mul_(1 - factor).add_(batch_var.to(running_var.dtype) * factor)

@@ -52,7 +52,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bia
     _check_more_than_one_value([input.shape[0] * C // num_groups, num_groups] + list(input.shape[2:]))
     _check_affine("weight", weight, (C,), "one per channel")
     _check_affine("bias", bias, (C,), "one per channel")
-    spec = NormSpec(groups=num_groups, dims=tuple(range(2, input.dim() + 1)), eps=float(eps), activation=activation)
+    spec = NormSpec(groups=num_groups, eps=float(eps), activation=activation)
     return compiling.run(spec, input, weight, bias, compile=compile)
 
 
@@ -69,8 +69,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Ten
             f"layer_norm: input of shape {tuple(input.shape)} does not end with normalized_shape {shape}")
     _check_affine("weight", weight, shape, "normalized_shape")
     _check_affine("bias", bias, shape, "normalized_shape")
-    spec = NormSpec(groups=None, dims=tuple(range(input.dim() - k, input.dim())), eps=float(eps),
-                    activation=activation)
+    spec = NormSpec(groups=None, eps=float(eps), trailing=k, activation=activation)
     return compiling.run(spec, input, weight, bias, compile=compile)
 
 
@@ -95,7 +94,7 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {list(input.shape)}")
     _check_affine("weight", weight, (C,), "one per channel")
     _check_affine("bias", bias, (C,), "one per channel")
-    spec = NormSpec(groups=C, dims=tuple(range(2, input.dim() + 1)), eps=float(eps), activation=activation)
+    spec = NormSpec(groups=C, eps=float(eps), activation=activation)
     return compiling.run(spec, input, weight, bias, compile=compile)
 
 
@@ -125,11 +124,10 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif running_mean is None or running_var is None:
         raise ValueError("batch_norm with training=False needs running_mean and running_var")
-    dims = (0,) + tuple(range(2, input.dim() + 1))
     m_tensor = momentum if isinstance(momentum, Tensor) else None
     # torch leaves the running statistics alone on an empty batch
     update = training and running_mean is not None and running_var is not None and input.numel() > 0
-    spec = NormSpec(groups=C, dims=dims, eps=float(eps), batch_stats=training,
+    spec = NormSpec(groups=C, eps=float(eps), batch=True, batch_stats=training,
                     momentum=(0.0 if m_tensor is not None else float(momentum)) if update else None,
                     activation=activation)
     return compiling.run(spec, input, weight, bias, running_mean, running_var, m_tensor if update else None,
