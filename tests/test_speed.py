@@ -82,12 +82,12 @@ def test_plot_without_matplotlib_is_a_clear_error(sweep_file, tmp_path, capsys, 
 def test_wrong_but_fast_contender_is_not_timed(sweep_file, capsys, eager, monkeypatch):
     """A contender whose output is wrong gets no time and no ratio, and the sweep exits 1."""
     real = normzoo.functional.layer_norm
-    monkeypatch.setattr(normzoo.functional, "layer_norm", lambda *a, **k: real(*a, **k) * 1.001)
+    monkeypatch.setattr(normzoo.functional, "layer_norm", lambda *a, **k: real(*a, **k) * 1.01)
     sw = grid.load(sweep_file, "speed")
     r = speed.run_case(sw.cases[0], threads=1, blocks=1)
     assert r["times_ms"]["normzoo"] is None and r["ratio"] is None and r["floor_x"] is None
     assert r["times_ms"]["torch"] > 0 and "normzoo disagrees with torch" in r["note"]
-    assert r["agreement"]["normzoo"] > 2 * sw.cases[0].tolerance
+    assert r["agreement"]["normzoo"] > 2 * sw.cases[0].tolerance * 7  # log2(2 * 3 * 16) < 7
     assert cli.main(["speed", str(sweep_file)]) == 1
 
 
@@ -99,7 +99,7 @@ def test_real_compiled_contenders_agree_before_timing():
     r = speed.run_case(sw.cases[0], threads=1, blocks=1)
     assert r["activation"] == "silu" and r["note"] is None
     assert set(r["agreement"]) == {"torch_compiled", "normzoo"}
-    assert all(e <= 2 * sw.cases[0].tolerance for e in r["agreement"].values())
+    assert all(e <= 2 * sw.cases[0].tolerance * 9 for e in r["agreement"].values())  # log2(2 * 32 * 4 * 4) = 9
     assert all(t > 0 for t in r["times_ms"].values())
     assert set(r["compile_s"]) == {"torch_compiled", "normzoo"}
     assert torch.get_num_threads() >= 1

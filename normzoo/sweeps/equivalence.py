@@ -176,12 +176,12 @@ def run_case(case: Case, seed: int = 0) -> dict:
     }
 
 
-def build_report(sweep: Sweep, results: list[dict], interrupted: bool = False) -> dict:
+def build_report(sweep: Sweep, results: list[dict], interrupted: bool = False, env: dict | None = None) -> dict:
     counts = {v: sum(r["verdict"] == v for r in results) for v in (PASS, FAIL, TORCH_OFF)}
     return {
         "kind": "equivalence",
         "source": sweep.source,
-        "environment": rp.environment(),
+        "environment": env or rp.environment(),
         "summary": {"cases": len(results), "pass": counts[PASS], "fail": counts[FAIL],
                     "torch_off": counts[TORCH_OFF]},
         "tolerance": TOLERANCE_RULE,
@@ -221,7 +221,8 @@ def label(case: Case) -> str:
 
 def run(sweep: Sweep, on_update=lambda report: None, progress: rp.Progress | None = None) -> tuple[dict, bool]:
     """Run every case; returns (report, interrupted)."""
-    return rp.drive(sweep.cases, run_case, lambda res, intr: build_report(sweep, res, intr), on_update,
+    env = rp.environment()  # once, at the start: the date and load the sweep began with
+    return rp.drive(sweep.cases, run_case, lambda res, intr: build_report(sweep, res, intr, env), on_update,
                     label=label, progress=progress)
 
 

@@ -81,6 +81,8 @@ def environment(device: str = "cpu", threads: int | list[int] | None = None) -> 
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads() if threads is None else threads,
+        # other work on the machine when the sweep started: a load above the core count means shared cores
+        "load_avg": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         # allocator settings: glibc malloc tunables, a preloaded allocator, the CUDA caching allocator
         "allocator": {k: v for k, v in sorted(os.environ.items())
                       if k.startswith("MALLOC_") or k in ("LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF")},
@@ -139,7 +141,7 @@ def render(report: dict, fmt: str, columns: list[Column], preamble: bool = True)
     align = [col.align for col in columns]
     env = report.get("environment", {})
     env_line = (f"{env.get('date', '')}, torch {env.get('torch', '')}, {env.get('device', '')}, "
-                f"{env.get('cpu', '')}, threads {env.get('threads', '')}")
+                f"{env.get('cpu', '')}, threads {env.get('threads', '')}, load average {env.get('load_avg')}")
     if fmt == "markdown":
         lines = [f"**{summary_line(report)}**", "", f"Environment: {env_line}.", ""] if preamble else []
         if env.get("allocator") and preamble:

@@ -3,8 +3,9 @@
 Per case and thread count:
   1. build the four contenders; the first call of each is timed apart (`compile_s`: Inductor compiles there);
   2. check each norm's output (and gradients, for forward_backward) against torch eager, within twice the
-     equivalence tolerance: a contender that disagrees is reported with no time (a wrong-but-fast kernel
-     must not show up as a win);
+     equivalence tolerance times log2(numel) (long float32 sums), or where torch eager is off, against the
+     float64 oracle: a contender that disagrees is reported with no time (a wrong-but-fast kernel must not show
+     up as a win);
   3. time with torch.utils.benchmark (it synchronizes CUDA), contenders interleaved and rotated, `blocks` blocks
      each of about BLOCK_S seconds; report the median per call and the spread (interquartile range / median).
 
@@ -15,6 +16,7 @@ for the forward, plus x + dy for the backward. ratio = normzoo / torch; floor_x 
 
 from __future__ import annotations
 
+import math
 import statistics
 import types
 
@@ -141,8 +143,9 @@ def run_case(case: Case, threads: int, blocks: int = 5, device: str = "cpu") -> 
             compile_s[name] = round(seconds, 3)
 
     # every norm must agree with torch eager before it is timed: within twice the tolerance (both round), or,
-    # where torch eager itself is off, within the tolerance of the float64 oracle
-    tol = case.tolerance
+    # where torch eager itself is off, within the tolerance of the float64 oracle. The tolerance grows with
+    # log2(numel): the gradient sums here run over up to millions of terms (equivalence sweeps use small shapes)
+    tol = case.tolerance * max(1.0, math.log2(x.numel()))
     agree, oracle = {}, None
     for name in ("torch_compiled", "normzoo"):
         if name in first and "torch" in first:
@@ -214,13 +217,13 @@ def run_case(case: Case, threads: int, blocks: int = 5, device: str = "cpu") -> 
     }
 
 
-def build_report(sweep: Sweep, results: list[dict], interrupted: bool, device: str) -> dict:
+def build_report(sweep: Sweep, results: list[dict], interrupted: bool, device: str, env: dict | None = None) -> dict:
     ratios = [r["ratio"] for r in results if r["ratio"]]
     geo = statistics.geometric_mean(ratios) if ratios else None
     return {
         "kind": "speed",
         "source": sweep.source,
-        "environment": rp.environment(device, sweep.threads),
+        "environment": env or rp.environment(device, sweep.threads),
         "summary": {"cases": len(results), "blocks": sweep.blocks,
                     "ratio_geomean": round(geo, 3) if geo else None,
                     "faster": sum(1 for r in ratios if r < 1), "slower": sum(1 for r in ratios if r >= 1),
@@ -277,9 +280,10 @@ def run(sweep: Sweep, on_update=lambda report: None, progress: rp.Progress | Non
     """Run every (case, thread count); returns (report, interrupted). Restores torch's thread count."""
     before = torch.get_num_threads()
     items = [(c, t) for t in sweep.threads for c in sweep.cases]
+    env = rp.environment(device, sweep.threads)  # once, at the start: the date and load the sweep began with
     try:
         return rp.drive(items, lambda item: run_case(item[0], item[1], sweep.blocks, device),
-                        lambda res, intr: build_report(sweep, res, intr, device), on_update,
+                        lambda res, intr: build_report(sweep, res, intr, device, env), on_update,
                         label=label, progress=progress)
     finally:
         torch.set_num_threads(before)
