@@ -300,6 +300,7 @@ def plot(report: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     cases = [c for c in report["cases"] if c["ratio"]]
     names = [f"{c['layer']} {format_shape(c['shape'])} {rp.short_dtype(c['dtype'])} "
@@ -307,11 +308,17 @@ def plot(report: dict, path: str) -> None:
              f"{' eval' if c['mode'] == 'eval' else ''} t{c['threads']}" for c in cases]
     ratios = [c["ratio"] for c in cases]
     fig, ax = plt.subplots(figsize=(9, 0.28 * len(cases) + 1.5))
-    ax.barh(range(len(cases)), ratios, color=["tab:green" if r < 1 else "tab:red" for r in ratios])
+    # bars grow from parity (1) to the ratio, left for faster, right for slower
+    ax.barh(range(len(cases)), [r - 1 for r in ratios], left=1,
+            color=["tab:green" if r < 1 else "tab:red" for r in ratios])
     ax.set_yticks(range(len(cases)), names, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
+    fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(fmt)
+    ax.xaxis.set_minor_formatter(fmt)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("time normzoo / torch eager (lower is better; < 1: normzoo faster)")
     env = report["environment"]
     ax.set_title(f"normzoo speed, {env['date']}, torch {env['torch']}, {env['device']}, threads {env['threads']}",
