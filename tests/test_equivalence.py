@@ -228,3 +228,16 @@ def test_progress_bar_only_on_a_terminal():
     p.step("gn8 2x8")
     p.close()
     assert "[" in buf.getvalue() and "0/2 gn8 2x8" in buf.getvalue()
+
+
+@pytest.mark.slow
+def test_default_sweep_done_criterion():
+    """Issue 3's 'done when': the default sweep has no FAIL and flags torch's channels_last GroupNorm at mean 1e3
+    as TORCH-OFF, with both errors. A few minutes on a cold cache: run with -m slow."""
+    sweep = grid.load(None, "equivalence")
+    report, interrupted = eq.run(sweep)
+    assert not interrupted and eq.exit_status(report) == 0, [c for c in report["cases"] if c["verdict"] == "FAIL"]
+    flagged = [c for c in report["cases"] if c["family"] == "group_norm" and c["layout"] == "channels_last"
+               and c["offset"] == 1000 and c["dtype"] == "float32"]
+    assert flagged and all(c["verdict"] == "TORCH-OFF" for c in flagged)
+    assert all(c["err_zoo"] < c["tolerance"] < c["err_torch"] for c in flagged)
