@@ -75,7 +75,7 @@ def clear_cache() -> None:
 
 
 def _entry(spec, x, weight, bias, running_mean, running_var, momentum):
-    return engine.forward(spec, x, weight, bias, running_mean, running_var, momentum)  # (y, params)
+    return engine.forward(spec, x, weight, bias, running_mean, running_var, momentum)
 
 
 def _fresh_entry(tag: int):
@@ -109,7 +109,7 @@ class _Kernel:
     def __call__(self, spec, args):
         if self.direct is not None:
             return self.direct(*[args[i] for i in self.arg_index])[0]
-        return self.traced(spec, *args)[0]
+        return self.traced(spec, *args)
 
 
 def _signature(t: Tensor | None):
@@ -129,12 +129,16 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
         or x.numel() == 0  # nothing to compute; not worth a kernel
         or torch.jit.is_scripting()
     ):
-        return engine.forward(spec, *args)[0]
+        return engine.forward(spec, *args)
     key = (spec, torch.is_grad_enabled(), torch.is_inference_mode_enabled()) + tuple(_signature(t) for t in args)
     kernel = _state.kernels.get(key)
     if kernel is not None:
         _state.kernels.move_to_end(key)
         return kernel(spec, args)
+    if engine.STORE_OP is None:  # loaded with Inductor, so not at normzoo's import
+        from torch._inductor import inductor_prims  # noqa: F401  (registers the op)
+
+        engine.STORE_OP = torch.ops.prims.inductor_force_stride_order
     kernel = _Kernel(_state.compiles)
     start = time.perf_counter()
     try:
@@ -150,7 +154,7 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
             RuntimeWarning,
             stacklevel=3,
         )
-        return engine.forward(spec, *args)[0]
+        return engine.forward(spec, *args)
     _state.compiles += 1
     _state.compile_seconds += time.perf_counter() - start
     _state.kernels[key] = kernel

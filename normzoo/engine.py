@@ -119,51 +119,165 @@ def forward(
     running_mean: Tensor | None = None,
     running_var: Tensor | None = None,
     momentum: Tensor | None = None,
-) -> tuple[Tensor, tuple[Tensor, ...]]:
+) -> Tensor:
     """Normalize x as `spec` says; inputs are validated by normzoo.functional before they get here.
 
     running_mean / running_var: read when spec.batch_stats is False; updated in place (EMA with spec.momentum,
     or with the tensor `momentum` when given, for the cumulative average) when spec.momentum is set.
-    Returns (y, params): params are the small per-channel (or per-row) tensors y is computed from. Returning
-    them makes Inductor store them once, instead of recomputing the rsqrt and the divisions for every element.
+    """
+    with torch.no_grad():  # the statistics' share of the gradient is in _Normalize.backward's formula
+        shift, mean_d, rstd = statistics(spec, x, running_mean, running_var, momentum)
+    return _Normalize.apply(spec, x, weight, bias, shift, mean_d, rstd)
+
+
+def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, momentum=None):
+    """(shift, mean - shift, rstd) broadcastable to x (per row, or per sample and channel), in compute_dtype.
+
+    Channel norms take moments per (sample, channel) over the spatial dims and pool them over the channels of a
+    group (and the batch, for BatchNorm): per-channel partial sums keep every loop affine in the channel index, so
+    Inductor vectorizes them in both memory formats. BatchNorm training also updates the running buffers here.
     """
     cd = compute_dtype(x.dtype)
-    if spec.groups is None:  # layer norm: statistics per row over the trailing dims, affine per element
-        dims = tuple(range(x.dim() - spec.trailing, x.dim()))
-        shift, mean_d, var = moments(x, dims)
-        mean_d, scale = mean_d.to(cd), _scale(var, spec.eps, None, cd)
-        y = _apply(x, shift, mean_d, scale, None)
-        if weight is not None:
-            y = y * weight.to(cd)
-        if bias is not None:
-            y = y + bias.to(cd)
-        params = (mean_d, scale)
+    if spec.groups is None:  # layer norm: moments per row over the trailing dims
+        shift, mean_d, var = moments(x, tuple(range(x.dim() - spec.trailing, x.dim())))
+    elif not spec.batch_stats:  # BatchNorm eval: the running statistics
+        affine = (x.shape[1],) + (1,) * (x.dim() - 2)
+        shift, var = running_mean.reshape(affine), running_var.reshape(affine)
+        mean_d = torch.zeros_like(shift, dtype=cd)
     else:
-        # channel norms: moments per (sample, channel) over the spatial dims, pooled over the channels of a group
-        # (and the batch, for BatchNorm). Per-channel partial sums keep every loop affine in the channel index, so
-        # Inductor vectorizes them in both memory formats.
         N, C, G = x.shape[0], x.shape[1], spec.groups
         per_channel = (N, C) + (1,) * (x.dim() - 2)
-        affine = (C,) + (1,) * (x.dim() - 2)
-        if spec.batch_stats:
-            shift, mean_d, var = moments(x, tuple(range(2, x.dim())))
-            members = lambda t: t.reshape(N, G, C // G)  # noqa: E731
-            mean, var = combine(members(shift), members(mean_d), members(var), (0, 2) if spec.batch else (2,))
-            if spec.momentum is not None and running_mean is not None and running_var is not None:
-                _update_running(spec, x.numel() // C, mean, var, running_mean, running_var, momentum)
-            mean_d = (mean - members(shift).to(mean.dtype)).reshape(per_channel)
-            var = var.expand(N, G, C // G).reshape(per_channel)
+        shift, mean_d, var = moments(x, tuple(range(2, x.dim())))
+        members = lambda t: t.reshape(N, G, C // G)  # noqa: E731
+        mean, var = combine(members(shift), members(mean_d), members(var), (0, 2) if spec.batch else (2,))
+        if spec.momentum is not None and running_mean is not None and running_var is not None:
+            _update_running(spec, x.numel() // C, mean, var, running_mean, running_var, momentum)
+        mean_d = (mean - members(shift).to(mean.dtype)).reshape(per_channel)
+        var = var.expand(N, G, C // G).reshape(per_channel)
+    return shift, stored(mean_d.to(cd)), stored(torch.rsqrt(var + spec.eps).to(cd))
+
+
+# Set by normzoo.compiling once Inductor is loaded: torch.ops.prims.inductor_force_stride_order.
+STORE_OP = None
+
+
+def stored(t: Tensor) -> Tensor:
+    """Have Inductor compute a small per-channel tensor once into a buffer.
+
+    Left to itself, Inductor inlines such pointwise results into the elementwise loop that reads them, and with
+    libm's errno semantics the compiler cannot hoist the rsqrt and divisions out of it: they would run once per
+    element vector. Forcing a layout realizes the buffer. Eagerly this is the identity.
+    """
+    if STORE_OP is not None and torch.compiler.is_compiling():
+        return STORE_OP(t, t.stride())
+    return t
+
+
+def _affine_view(spec: NormSpec, x: Tensor, t: Tensor | None, cd: torch.dtype) -> Tensor | None:
+    """weight/bias shaped to broadcast against x: per channel, or per element of the normalized shape."""
+    if t is None:
+        return None
+    return t.to(cd) if spec.groups is None else t.to(cd).reshape((x.shape[1],) + (1,) * (x.dim() - 2))
+
+
+def _sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    return t.sum(dims, keepdim=True) if dims else t  # sum(()) would reduce everything
+
+
+class _Normalize(torch.autograd.Function):
+    """y = act(((x - shift) - mean_d) * rstd * weight + bias), with the full norm's gradient written out.
+
+    The derived backward of the shifted, pooled statistics costs extra passes; this one takes one pass over
+    (x, dy) for the per-(sample, channel) sums of dy and dy * (x - shift) (in stats_dtype), then one
+    elementwise pass: dx = rstd * (dy' - mean(dy') - xhat * mean(dy' * xhat)), means over each normalized set,
+    dy' = dy * weight (and the activation's derivative).
+    """
+
+    @staticmethod
+    def forward(ctx, spec, x, weight, bias, shift, mean_d, rstd):
+        cd = compute_dtype(x.dtype)
+        w, b = _affine_view(spec, x, weight, cd), _affine_view(spec, x, bias, cd)
+        if spec.groups is None:  # per-row rstd, per-element weight
+            y = ((x.to(cd) - shift.to(cd)) - mean_d) * rstd
+            y = y if w is None else y * w
         else:
-            shift = running_mean.reshape(affine)
-            mean_d = torch.zeros_like(shift, dtype=cd)
-            var = running_var.reshape(affine)
-        mean_d = mean_d.to(cd)
-        scale = _scale(var, spec.eps, None if weight is None else weight.reshape(affine), cd)
-        y = _apply(x, shift, mean_d, scale, None if bias is None else bias.reshape(affine))
-        params = (mean_d, scale)
-    if spec.activation is not None:
-        y = ACTIVATIONS[spec.activation](y)
-    return y.to(x.dtype), tuple(p.detach() for p in params)
+            y = ((x.to(cd) - shift.to(cd)) - mean_d) * (rstd if w is None else stored(rstd * w))
+        y = y if b is None else y + b
+        if spec.activation is not None:
+            y = ACTIVATIONS[spec.activation](y)
+        ctx.spec = spec
+        ctx.save_for_backward(x, weight, bias, shift, mean_d, rstd)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        spec = ctx.spec
+        x, weight, bias, shift, mean_d, rstd = ctx.saved_tensors
+        cd, sd = compute_dtype(x.dtype), stats_dtype(x.dtype)
+        w, b = _affine_view(spec, x, weight, cd), _affine_view(spec, x, bias, cd)
+        xc = x.to(cd) - shift.to(cd)
+        xhat = (xc - mean_d) * rstd
+        g = dy.to(cd)
+        if spec.activation is not None:  # through the activation, recomputing its input
+            pre = xhat if w is None else xhat * w
+            pre = (pre if b is None else pre + b).detach().requires_grad_()
+            with torch.enable_grad():
+                g = torch.autograd.grad(ACTIVATIONS[spec.activation](pre), pre, g)[0]
+        r, m = rstd.to(sd), mean_d.to(sd)
+        dx = dweight = dbias = None
+        if spec.groups is None:  # layer norm: per-row sums of dy' = dy * weight; parameter grads over the rows
+            stat_dims = tuple(range(x.dim() - spec.trailing, x.dim()))
+            gw = g if w is None else g * w
+            a = _sum(gw.to(sd), stat_dims)
+            c = _sum(gw.to(sd) * xc.to(sd), stat_dims) - m * a  # sum of dy' * (x - mean)
+            k1, k0 = _dx_coefficients(r, m, a, c, _count(x, stat_dims), cd)
+            if ctx.needs_input_grad[1]:
+                dx = gw * rstd + (xc * k1 + k0)
+            rows = tuple(range(x.dim() - spec.trailing))
+            if weight is not None and ctx.needs_input_grad[2]:
+                dweight = _sum(g * ((xc - mean_d) * rstd), rows).reshape(weight.shape)
+            if bias is not None and ctx.needs_input_grad[3]:
+                dbias = _sum(g, rows).reshape(bias.shape)
+        else:
+            # one pass over (x, dy): per-(sample, channel) sums of dy and dy * (x - mean); the parameter grads and
+            # the pooled means of dx's formula all come from them
+            a = _sum(g.to(sd), tuple(range(2, x.dim())))
+            c = _sum(g.to(sd) * xc.to(sd), tuple(range(2, x.dim()))) - m * a
+            if weight is not None and ctx.needs_input_grad[2]:
+                dweight = (r * c).sum(0).reshape(weight.shape)
+            if bias is not None and ctx.needs_input_grad[3]:
+                dbias = a.sum(0).reshape(bias.shape)
+            if ctx.needs_input_grad[1]:
+                scale = rstd if w is None else stored(rstd * w)
+                if x.numel() == 0 or not spec.batch_stats:  # BatchNorm eval: an affine map of x
+                    dx = g * scale
+                else:
+                    N, C, G = x.shape[0], x.shape[1], spec.groups
+                    if w is not None:  # sums of dy' = dy * weight
+                        a, c = a * w.to(sd), c * w.to(sd)
+                    members = lambda t: t.reshape(N, G, C // G)  # noqa: E731
+                    pool = (0, 2) if spec.batch else (2,)
+                    a = members(a).sum(pool, keepdim=True).expand(N, G, C // G).reshape(rstd.shape)
+                    c = members(c).sum(pool, keepdim=True).expand(N, G, C // G).reshape(rstd.shape)
+                    n = x.numel() // C * (C // G) // (1 if spec.batch else N)
+                    k1, k0 = _dx_coefficients(r, m, a, c, n, cd)
+                    dx = g * scale + (xc * k1 + k0)
+        dx = None if dx is None else dx.to(x.dtype)
+        dweight = None if dweight is None else dweight.to(weight.dtype)
+        dbias = None if dbias is None else dbias.to(bias.dtype)
+        return None, dx, dweight, dbias, None, None, None
+
+
+def _dx_coefficients(r, m, a, c, n, cd):
+    """dx = r * (dy' - mean(dy') - xhat * mean(dy' * xhat)) = r * dy' + k1 * (x - shift) + k0, per set.
+
+    r: rstd, m: mean - shift, a: sum of dy', c: sum of dy' * (x - mean) over each normalized set of n elements.
+    """
+    mean_g = a * (1.0 / n)
+    mean_gx = r * c * (1.0 / n)
+    k1 = stored((-r * r * mean_gx).to(cd))
+    k0 = stored((r * (r * mean_gx * m - mean_g)).to(cd))
+    return k1, k0
 
 
 def _update_running(spec, n, mean, var, running_mean, running_var, momentum) -> None:
