@@ -148,7 +148,14 @@ def train_one(cfg: dict, norm: str, batch_size: int, data) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=t["momentum"], weight_decay=t["weight_decay"])
     steps_per_epoch = len(xtr) // batch_size
     total = steps_per_epoch * t["epochs"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
+    warmup = int(steps_per_epoch * t.get("warmup_epochs", 0))
+
+    def schedule(i: int) -> float:  # linear warmup (Goyal et al.), then cosine to zero
+        if i < warmup:
+            return (i + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, total - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     g = torch.Generator().manual_seed(t["seed"] + 1)
     start = time.perf_counter()
     model.train()
