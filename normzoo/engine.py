@@ -12,17 +12,34 @@ LayerNorm takes the moments of the trailing `normalized_shape` dims of each row 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = {
+ACTIVATIONS = {  # name -> the function fused after the affine
     "silu": F.silu,
     "relu": F.relu,
     "gelu": F.gelu,  # erf form, as torch.nn.GELU()
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+}
+
+
+def _gelu_tanh_grad(z: Tensor) -> Tensor:
+    k = math.sqrt(2.0 / math.pi)
+    t = torch.tanh(k * (z + 0.044715 * z**3))
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z)
+
+
+# name -> d act(z) / dz, written out: the backward is traced by dynamo, which does not trace autograd.grad
+ACTIVATION_GRADS = {
+    "silu": lambda z: torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z))),
+    "relu": lambda z: (z > 0).to(z.dtype),
+    "gelu": lambda z: 0.5 * (1 + torch.erf(z * (0.5**0.5))) + z * torch.exp(-0.5 * z * z) * (0.5 / math.pi) ** 0.5,
+    "gelu_tanh": _gelu_tanh_grad,
 }
 
 
@@ -220,9 +237,7 @@ class _Normalize(torch.autograd.Function):
         g = dy.to(cd)
         if spec.activation is not None:  # through the activation, recomputing its input
             pre = xhat if w is None else xhat * w
-            pre = (pre if b is None else pre + b).detach().requires_grad_()
-            with torch.enable_grad():
-                g = torch.autograd.grad(ACTIVATIONS[spec.activation](pre), pre, g)[0]
+            g = g * ACTIVATION_GRADS[spec.activation](pre if b is None else pre + b)
         r, m = rstd.to(sd), mean_d.to(sd)
         dx = dweight = dbias = None
         if spec.groups is None:  # layer norm: per-row sums of dy' = dy * weight; parameter grads over the rows

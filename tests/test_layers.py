@@ -193,3 +193,20 @@ def test_seed_case_groupnorm_one_group_no_affine():
     # the unbiased variance (the seed's first attempt) would be off by far more
     m, v = x.mean((1, 2, 3), keepdim=True), x.var((1, 2, 3), keepdim=True, unbiased=True)
     assert ((x - m) / (v + 1e-5).sqrt() - t(x)).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_fused_activation_backward_matches_norm_then_activation(compile):
+    x = (torch.randn(2, 8, 4, 4) * 3 + 2).to(memory_format=torch.channels_last).requires_grad_()
+    xt = x.detach().clone().requires_grad_()
+    z = normzoo.GroupNorm(4, 8, activation="silu", compile=compile)
+    t = nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        t.weight.uniform_(0.5, 1.5)
+        t.bias.normal_()
+    z.load_state_dict(t.state_dict())
+    g = torch.randn(2, 8, 4, 4)
+    z(x).backward(g)
+    nn.functional.silu(t(xt)).backward(g)
+    torch.testing.assert_close(x.grad, xt.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(z.weight.grad, t.weight.grad, atol=1e-4, rtol=1e-4)
