@@ -14,6 +14,7 @@ import yaml
 import normzoo
 from normzoo import cli
 from normzoo.sweeps import grid, speed
+from normzoo.sweeps import report as rp
 
 SWEEP = {"threads": 1, "blocks": 2,
          "grids": [{"layers": ["ln"], "shapes": [[2, 3, 16]], "passes": ["forward", "forward_backward"]},
@@ -32,7 +33,7 @@ def sweep_file(tmp_path):
 def eager(monkeypatch):
     """Report plumbing without compiles: normzoo's eager engine, torch.compile left out (one test compiles)."""
     monkeypatch.setenv("NORMZOO_COMPILE", "0")
-    monkeypatch.setattr(speed, "_compiled", lambda module, tag: module)
+    monkeypatch.setattr(speed, "_compiled", lambda module, tag, dynamic=False: module)
 
 
 def test_cli_formats(sweep_file, tmp_path, capsys, eager):
@@ -135,3 +136,67 @@ def test_contender_right_where_torch_is_off_is_timed(sweep_file, eager, monkeypa
     assert r["times_ms"]["normzoo"] > 0 and r["ratio"] is not None
     assert "torch eager is off" in r["note"] and "normzoo is within" in r["note"]
     assert r["agreement"]["normzoo"] > 2 * case.tolerance
+
+
+SEQ = {"layers": ["gn32"], "shapes": [[2, 32, 4, 4], [4, 32, 4, 4], [2, 32, 6, 6], [2, 32, 4, 4]], "sequence": True}
+
+
+def test_sequence_key_validation(tmp_path, capsys):
+    """sequence: true/false only, speed only, and one layer must be able to take every shape."""
+    sw = grid.parse({"grids": [dict(SEQ, passes=["forward"])]}, "speed", "t.yaml")
+    assert len(sw.cases) == 1 and sw.cases[0].sequence == tuple(map(tuple, SEQ["shapes"]))
+    assert sw.cases[0].shape == (2, 32, 4, 4)
+    assert len(grid.parse({"grids": [dict(SEQ, sequence=False)]}, "speed", "t.yaml").cases) == 8
+    bad = tmp_path / "bad.yaml"
+    for change, words in [({"sequence": "always"}, ["sequence", "'always'", "not true or false"]),
+                          ({"sequence": [True]}, ["sequence", "[True]"]),
+                          ({"shapes": [[2, 32, 4, 4], [2, 64, 4, 4]]}, ["shapes", "[2, 64, 4, 4]", "features"]),
+                          ({"shapes": [[2, 32, 4, 4], [2, 32, 4, 4, 4]]}, ["shapes", "[2, 32, 4, 4, 4]"]),
+                          ({"shapes": [[2, 32, 4, 4], [2, 30, 4, 4]]}, ["[2, 30, 4, 4]", "divisible"])]:
+        bad.write_text(yaml.safe_dump({"grids": [dict(SEQ, **change)]}))
+        assert cli.main(["speed", str(bad)]) == 2, change
+        err = capsys.readouterr().err
+        assert "bad.yaml" in err and all(w in err for w in words), (change, err)
+    bad.write_text(yaml.safe_dump({"grids": [SEQ]}))
+    assert cli.main(["equivalence", str(bad)]) == 2
+    assert "'sequence'" in capsys.readouterr().err
+
+
+def test_sequence_case_checks_every_shape(eager, monkeypatch):
+    """A wrong output on any one shape of the sequence (here the third) keeps the contender from being timed."""
+    real = normzoo.functional.group_norm
+
+    def wrong_on_6x6(x, *a, **k):
+        y = real(x, *a, **k)
+        return y * 1.01 if x.shape[-1] == 6 else y
+
+    monkeypatch.setattr(normzoo.functional, "group_norm", wrong_on_6x6)
+    case = grid.parse({"grids": [dict(SEQ, passes=["forward"])]}, "speed", "t.yaml").cases[0]
+    r = speed.run_case(case, threads=1, blocks=1)
+    assert r["times_ms"]["normzoo"] is None and "normzoo disagrees" in r["note"]
+
+
+def test_sequence_case_compiled(tmp_path, capsys):
+    """The real thing on tiny shapes: one row per pass, compiles counted per contender, no eager fallback."""
+    f = tmp_path / "seq.yaml"
+    f.write_text(yaml.safe_dump({"threads": 1, "blocks": 1, "grids": [SEQ]}))
+    out = tmp_path / "s.json"
+    assert cli.main(["speed", str(f), "--format", "json", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [c["pass"] for c in data["cases"]] == ["forward", "forward_backward"]
+    for c in data["cases"]:
+        assert c["shape"] == "seq of 4" and c["shapes"] == SEQ["shapes"]
+        assert c["bytes"] == sum(4 * (2 if c["pass"] == "forward" else 5) * 32 * n for n in (2 * 16, 4 * 16, 2 * 36,
+                                                                                              2 * 16))
+        assert all(t > 0 for t in c["times_ms"].values()) and c["note"].startswith("torch.compile (dynamic=None)")
+        assert set(c["agreement"]) == {"torch_compiled", "normzoo"}
+        zc, tc = c["compiles"]["normzoo"], c["compiles"]["torch_compiled"]
+        assert zc["first_pass"] == 3 and zc["warm_pass"] == 0 and zc["evictions"] == 0  # 3 distinct shapes
+        assert zc["compile_seconds"] > 0 and c["compile_s"]["normzoo"] >= zc["compile_seconds"]
+        assert 1 <= tc["first_pass"] <= 3 and tc["warm_pass"] == 0
+        assert c["no_eager_fallback"] is True
+    for fmt, want in [("table", " seq of 4 "), ("markdown", "| seq of 4"), ("csv", ",seq of 4,")]:
+        text = rp.render(data, fmt, speed.COLUMNS)
+        assert want in text, fmt
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert json.loads(rows[0]["shapes"]) == SEQ["shapes"] and rows[0]["no_eager_fallback"] == "True"

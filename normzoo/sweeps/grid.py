@@ -11,6 +11,11 @@ and optional lists that multiply out into cases:
     compiled    yes                    -                           [true]
     passes      -                      yes                         [forward, forward_backward]
     tolerances  yes (per dtype)        yes (output check)          16 * eps(dtype)
+    sequence    -                      yes (true/false)            false
+
+`sequence: true` (speed) makes the grid's `shapes` list ONE case per layer/dtype/layout/mode/pass: one module
+instance is fed every shape in order (the shapes must agree on dimensionality and features), and one timed call
+runs the whole sequence: the "changing shapes" scenario (compiles bounded, no cliff, no eager fallback).
 
 Top level: `grids` (both), `threads` and `blocks` (speed). Every problem is found before anything runs and raised as
 SweepError naming the file, the key and the bad value; the CLI turns it into exit status 2.
@@ -48,6 +53,7 @@ GRID_KEYS = {
     "offsets": ("equivalence",),
     "compiled": ("equivalence",),
     "passes": ("speed",),
+    "sequence": ("speed",),
 }
 TOP_KEYS = {"grids": ("equivalence", "speed"), "threads": ("speed",), "blocks": ("speed",)}
 DEFAULT_CONFIG = {"equivalence": "equivalence.yaml", "speed": "speed.yaml"}
@@ -84,6 +90,7 @@ class Case:
     offset: float = 0.0
     compiled: bool = True
     pass_: str = "forward"  # speed only
+    sequence: tuple = ()  # speed only: the shapes fed in order, one case (`shape` is the first of them)
 
     @property
     def spec_dict(self) -> dict[str, Any]:
@@ -115,6 +122,8 @@ class Sweep:
 
 
 def format_shape(shape) -> str:
+    if isinstance(shape, str):  # a sequence row's label, e.g. "seq of 6"
+        return shape
     return "x".join(str(s) for s in shape)
 
 
@@ -292,16 +301,26 @@ def _expand_grid(grid, gi: int, kind: str, src: str):
         _check_choices([dt], DTYPES, f"{here}.tolerances", "dtype")
         if _number(tol, f"{here}.tolerances.{dt}") <= 0:
             raise SweepError(f"{here}.tolerances.{dt}: {tol!r} is not a positive number")
+    sequence = grid.get("sequence", False)
+    if not isinstance(sequence, bool):
+        raise SweepError(f"{here}.sequence: {sequence!r} is not true or false")
     if kind == "speed":
         offsets, compiled = [0.0], [True]
     else:
         passes = ["forward_backward"]
 
-    for (label, spec0), shape in itertools.product(resolved, shapes):
-        shape = tuple(shape)
+    groups = [[tuple(s) for s in shapes]] if sequence else [[tuple(s)] for s in shapes]
+    for (label, spec0), group in itertools.product(resolved, groups):
+        shape = group[0]
         spec = _fix_type(spec0, len(shape))
-        _check_layer_shape(spec, shape, f"{here}", label)
         fam = family_of(spec["type"])
+        feat = -1 if fam == "layer_norm" else 1  # the features axis
+        for s in group:
+            _check_layer_shape(spec, s, f"{here}", label)
+            if len(s) != len(shape) or s[feat] != shape[feat]:
+                raise SweepError(f"{here}.shapes: with sequence: true one {label!r} layer takes every shape, so "
+                                 f"they must agree on dimensionality and features; {list(s)} does not match "
+                                 f"{list(shape)}")
         for dtype, layout, mode, offset, comp, pass_ in itertools.product(
                 dtypes, layouts, modes, offsets, compiled, passes):
             if memory_format(layout, len(shape)) is None:
@@ -315,4 +334,5 @@ def _expand_grid(grid, gi: int, kind: str, src: str):
                 continue
             yield Case(grid=gi, layer=label, spec=tuple(sorted(spec.items())), shape=shape, dtype=dtype,
                        layout=layout, mode=mode, offset=offset, compiled=comp, pass_=pass_,
+                       sequence=tuple(group) if sequence else (),
                        tolerance=_number(tolerances.get(dtype, default_tolerance(dtype)), "tolerance"))

@@ -12,6 +12,14 @@ Per case and thread count:
 Throughput is the minimal memory traffic over the median time: forward reads x and writes y (2 tensors);
 forward_backward adds reading x and dy and writing dx (5 in all). `copy` moves exactly that traffic: x.clone()
 for the forward, plus x + dy for the backward. ratio = normzoo / torch; floor_x = normzoo / copy.
+
+A `sequence` case (the "changing shapes" scenario) feeds one module per contender every shape of the sequence in
+order; one call runs the whole sequence, so times, traffic and compile_s (the first pass: every compile) are per
+sequence, and the agreement check covers the outputs of every shape. It adds `compiles`: per compiled contender,
+the graphs compiled in the first pass and in a second (warm) pass, and for normzoo the compile seconds from
+normzoo.compiling.cache_info(). `no_eager_fallback` holds when normzoo compiled at most one kernel per distinct
+shape (fewer where an earlier case compiled it), nothing in the warm pass, evicted nothing and kept compilation on. torch.compile runs here as users call it
+(dynamic=None): dynamo recompiles on a new shape and, from the second shape on, marks the changing sizes dynamic.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import math
 import statistics
 import types
 
+from torch._dynamo.utils import counters as dynamo_counters
+
 import torch
 from torch import Tensor
 from torch.utils import benchmark
@@ -27,6 +37,7 @@ from torch.utils import benchmark
 from . import report as rp
 from . import equivalence
 from .equivalence import rel_err
+from .. import compiling
 from .grid import DTYPES, Case, Sweep, format_shape, memory_format
 from .oracle import Reference, norm_of, torch_counterpart
 
@@ -50,7 +61,7 @@ def plot_available() -> bool:
     return True
 
 
-def _compiled(module: torch.nn.Module, tag: int):
+def _compiled(module: torch.nn.Module, tag: int, dynamic: bool | None = False):
     """torch.compile of a call to `module`, through a fresh code object: dynamo keeps its compiled-code cache
     per code object and falls back to eager after 8 entries, so cases must not share one."""
     def call(x):
@@ -58,7 +69,7 @@ def _compiled(module: torch.nn.Module, tag: int):
 
     code = call.__code__.replace(co_name=f"torch_compiled_case_{tag}")
     fresh = types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
-    return torch.compile(fresh, dynamic=False)
+    return torch.compile(fresh, dynamic=dynamic)
 
 
 def _params(norm: torch.nn.Module) -> list[Tensor]:
@@ -82,6 +93,13 @@ def _step_fn(layer, params: list[Tensor], x: Tensor, dy: Tensor, pass_: str):
     return fwd_bwd
 
 
+def _chain(fns: list):
+    """One call running every function in order (a sequence case), returning all their outputs in one tuple."""
+    if len(fns) == 1:
+        return fns[0]
+    return lambda: tuple(out for fn in fns for out in fn())
+
+
 def _copy_fn(x: Tensor, dy: Tensor, pass_: str):
     if pass_ == "forward":
         return lambda: (x.clone(),)
@@ -93,6 +111,30 @@ def _oracle_outputs(ref: Reference, x: Tensor, dy: Tensor, training: bool, pass_
     out = equivalence._oracle(ref, [], x, dy, training)
     keys = ["y"] + ([k for k in ("dx", "dweight", "dbias") if k in out] if pass_ == "forward_backward" else [])
     return [out[k] for k in keys]
+
+
+def _compile_counts(name: str, fn, graphs: int, zoo_before: dict) -> dict:
+    """Compiles of a sequence case's first pass (just run), then of a second, warm pass (run here): dynamo graphs
+    for torch_compiled; normzoo's kernel cache deltas (a warm pass that compiles again is a cliff)."""
+    def delta(before):
+        if name == "torch_compiled":
+            return {"graphs": dynamo_counters["stats"]["unique_graphs"] - before}
+        now = compiling.cache_info()
+        return {"graphs": now["compiles"] - before["compiles"], "evictions": now["evictions"] - before["evictions"],
+                "seconds": round(now["compile_seconds"] - before["compile_seconds"], 3),
+                "compile_disabled_reason": now["compile_disabled_reason"]}
+
+    first = delta(graphs if name == "torch_compiled" else zoo_before)
+    mid = dynamo_counters["stats"]["unique_graphs"] if name == "torch_compiled" else compiling.cache_info()
+    fn()
+    warm = delta(mid)
+    out = {"first_pass": first.pop("graphs"), "warm_pass": warm["graphs"]}
+    if name == "torch_compiled":
+        out["recompile_limit"] = torch._dynamo.config.recompile_limit
+    if name == "normzoo":
+        out.update(compile_seconds=first["seconds"], evictions=first["evictions"] + warm["evictions"],
+                   compile_disabled_reason=warm["compile_disabled_reason"])
+    return out
 
 
 def _time_first(fn, device: str):
@@ -117,23 +159,27 @@ def run_case(case: Case, threads: int, blocks: int = 5, device: str = "cpu") -> 
     dtype = DTYPES[case.dtype]
     fmt = memory_format(case.layout, len(case.shape))
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(case.shape, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
-    dy = torch.randn(case.shape, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+    shapes = case.sequence or (case.shape,)
+    inputs = [tuple(torch.randn(shape, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+                    for _ in range(2)) for shape in shapes]  # (x, dy) per shape
     training = case.mode == "train"
 
     zoo = case.build(device, compile=True).to(dtype).train(training)
     ref = Reference(zoo)  # the float64 oracle, from the state every contender starts with
     eager = torch_counterpart(zoo, len(case.shape)).train(training)
     compiled_module = torch_counterpart(zoo, len(case.shape)).train(training)
-    layers = {"torch": (eager, norm_of(eager)), "torch_compiled": (_compiled(compiled_module, _tag),
-                                                                    norm_of(compiled_module)),
+    # a sequence is compiled as users compile a model fed changing shapes: torch.compile's default dynamic=None
+    torch_compiled = _compiled(compiled_module, _tag, **({"dynamic": None} if case.sequence else {}))
+    layers = {"torch": (eager, norm_of(eager)), "torch_compiled": (torch_compiled, norm_of(compiled_module)),
               "normzoo": (zoo, zoo)}
-    fns = {name: _step_fn(layer, _params(norm), x, dy, case.pass_) for name, (layer, norm) in layers.items()}
-    fns["copy"] = _copy_fn(x, dy, case.pass_)
+    fns = {name: _chain([_step_fn(layer, _params(norm), x, dy, case.pass_) for x, dy in inputs])
+           for name, (layer, norm) in layers.items()}
+    fns["copy"] = _chain([_copy_fn(x, dy, case.pass_) for x, dy in inputs])
 
-    first, compile_s = {}, {}
+    first, compile_s, compiles = {}, {}, {}
     notes = []
     for name, fn in fns.items():
+        graphs, zoo_before = dynamo_counters["stats"]["unique_graphs"], compiling.cache_info()
         try:
             first[name], seconds = _time_first(fn, device)
         except Exception as err:  # noqa: BLE001 - a contender that cannot run is reported, not fatal
@@ -141,11 +187,13 @@ def run_case(case: Case, threads: int, blocks: int = 5, device: str = "cpu") -> 
             continue
         if name in ("torch_compiled", "normzoo"):
             compile_s[name] = round(seconds, 3)
+            if case.sequence:
+                compiles[name] = _compile_counts(name, fn, graphs, zoo_before)
 
     # every norm must agree with torch eager before it is timed: within twice the tolerance (both round), or,
     # where torch eager itself is off, within the tolerance of the float64 oracle. The tolerance grows with
     # log2(numel): the gradient sums here run over up to millions of terms (equivalence sweeps use small shapes)
-    tol = case.tolerance * max(1.0, math.log2(x.numel()))
+    tol = case.tolerance * max(1.0, math.log2(max(x.numel() for x, _ in inputs)))
     agree, oracle = {}, None
     for name in ("torch_compiled", "normzoo"):
         if name in first and "torch" in first:
@@ -153,7 +201,7 @@ def run_case(case: Case, threads: int, blocks: int = 5, device: str = "cpu") -> 
             if agree[name] <= 2 * tol:
                 continue
             if oracle is None:
-                oracle = _oracle_outputs(ref, x, dy, training, case.pass_)
+                oracle = [o for x, dy in inputs for o in _oracle_outputs(ref, x, dy, training, case.pass_)]
             off = max(rel_err(a, b) for a, b in zip(first[name], oracle))
             if off <= tol:
                 notes.append(f"torch eager is off (by {rp.sci(agree[name])}); {name} is within {rp.sci(tol)} "
@@ -184,18 +232,33 @@ def run_case(case: Case, threads: int, blocks: int = 5, device: str = "cpu") -> 
         times_ms[n] = med * 1e3
         spread[n] = (q3 - q1) / med if med > 0 else 0.0
         blocks_ms[n] = [s * 1e3 for s in samples[n]]
-    nbytes = TRAFFIC[case.pass_] * x.numel() * x.element_size()
+    nbytes = sum(TRAFFIC[case.pass_] * x.numel() * x.element_size() for x, _ in inputs)
     gbps = {n: (nbytes / (t * 1e-3) / 1e9 if t else None) for n, t in times_ms.items()}
 
     def div(a, b):
         return times_ms[a] / times_ms[b] if times_ms[a] and times_ms[b] else None
 
+    seq = {}
+    if case.sequence:
+        zc = compiles.get("normzoo", {})
+        distinct = len(set(shapes))
+        seq = {"shapes": [list(s) for s in shapes], "compiles": compiles,
+               "no_eager_fallback": bool(zc) and compiling.compile_enabled() and zc["first_pass"] <= distinct
+               and zc["warm_pass"] == 0 and zc["evictions"] == 0}
+        tc = compiles.get("torch_compiled")
+        if tc:
+            notes.append(f"torch.compile (dynamic=None) compiled {tc['first_pass']} graphs for {distinct} shapes "
+                         f"and {tc['warm_pass']} on a second pass (dynamo recompiles when a size changes, marking "
+                         f"it dynamic; past {tc['recompile_limit']} graphs per code object it runs eager)")
+        if not seq["no_eager_fallback"]:
+            notes.append(f"normzoo compiles {zc}: not one kernel per shape, or an eager fallback")
     return {
         "layer": case.layer,
         "family": case.family,
         "type": case.spec_dict["type"],
         "activation": case.spec_dict.get("activation"),
-        "shape": list(case.shape),
+        "shape": f"seq of {len(shapes)}" if case.sequence else list(case.shape),
+        **seq,
         "dtype": case.dtype,
         "layout": case.layout,
         "mode": case.mode,
