@@ -178,15 +178,16 @@ def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, m
 STORE_OP = None
 
 
-def stored(t: Tensor) -> Tensor:
+def stored(t: Tensor, like: Tensor | None = None) -> Tensor:
     """Have Inductor compute a small per-channel tensor once into a buffer.
 
     Left to itself, Inductor inlines such pointwise results into the elementwise loop that reads them, and with
     libm's errno semantics the compiler cannot hoist the rsqrt and divisions out of it: they would run once per
-    element vector. Forcing a layout realizes the buffer. Eagerly this is the identity.
+    element vector. Forcing a layout realizes the buffer (with the strides of `like`, when given). Eagerly this
+    is the identity.
     """
     if STORE_OP is not None and torch.compiler.is_compiling():
-        return STORE_OP(t, t.stride())
+        return STORE_OP(t, (t if like is None else like).stride())
     return t
 
 
@@ -232,7 +233,9 @@ class _Normalize(torch.autograd.Function):
         x, weight, bias, shift, mean_d, rstd = ctx.saved_tensors
         cd, sd = compute_dtype(x.dtype), stats_dtype(x.dtype)
         w, b = _affine_view(spec, x, weight, cd), _affine_view(spec, x, bias, cd)
-        xc = x.to(cd) - shift.to(cd)
+        # x - shift, spelled differently from the forward's: if AOTAutograd's CSE merged the two, its partitioner
+        # would save this full-size difference for the backward (an extra write in the forward) instead of x
+        xc = x.to(cd) + (-shift.to(cd))
         xhat = (xc - mean_d) * rstd
         g = dy.to(cd)
         if spec.activation is not None:  # through the activation, recomputing its input
@@ -277,7 +280,10 @@ class _Normalize(torch.autograd.Function):
                     n = x.numel() // C * (C // G) // (1 if spec.batch else N)
                     k1, k0 = _dx_coefficients(r, m, a, c, n, cd)
                     dx = g * scale + (xc * k1 + k0)
-        dx = None if dx is None else dx.to(x.dtype)
+        if dx is not None:
+            # in x's memory format: dynamo traces this backward with a contiguous dy, and Inductor would otherwise
+            # write a channels_last dx transposed, for autograd to copy back into x's layout
+            dx = stored(dx.to(x.dtype), like=x)
         dweight = None if dweight is None else dweight.to(weight.dtype)
         dbias = None if dbias is None else dbias.to(bias.dtype)
         return None, dx, dweight, dbias, None, None, None
