@@ -212,13 +212,18 @@ def load(path: str | Path | None, kind: str) -> Sweep:
     return parse(data, kind, src)
 
 
+def _check_keys(mapping: dict, table: dict, kind: str, what: str) -> None:
+    """Every key must be one the table allows for this kind of sweep; the error names it and lists the allowed."""
+    for key in mapping:
+        if key not in table or kind not in table[key]:
+            allowed = [k for k, v in table.items() if kind in v]
+            raise SweepError(f"{what} {key!r} for a {kind} sweep; allowed: {', '.join(allowed)}")
+
+
 def parse(data: Any, kind: str, src: str = "<sweep>") -> Sweep:
     if not isinstance(data, dict):
         raise SweepError(f"{src}: a sweep file is a mapping with a top-level 'grids' list, got {type(data).__name__}")
-    for key in data:
-        if key not in TOP_KEYS or kind not in TOP_KEYS[key]:
-            allowed = [k for k, v in TOP_KEYS.items() if kind in v]
-            raise SweepError(f"{src}: unknown top-level key {key!r} for a {kind} sweep; allowed: {', '.join(allowed)}")
+    _check_keys(data, TOP_KEYS, kind, f"{src}: unknown top-level key")
     grids = data.get("grids")
     if not isinstance(grids, list) or not grids:
         raise SweepError(f"{src}: 'grids' must be a non-empty list of grids, got {grids!r}")
@@ -250,10 +255,7 @@ def _expand_grid(grid, gi: int, kind: str, src: str):
     here = f"{src}: grids[{gi}]"
     if not isinstance(grid, dict):
         raise SweepError(f"{here}: a grid is a mapping with 'layers' and 'shapes', got {grid!r}")
-    for key in grid:
-        if key not in GRID_KEYS or kind not in GRID_KEYS[key]:
-            allowed = [k for k, v in GRID_KEYS.items() if kind in v]
-            raise SweepError(f"{here}: unknown key {key!r} for a {kind} sweep; allowed: {', '.join(allowed)}")
+    _check_keys(grid, GRID_KEYS, kind, f"{here}: unknown key")
     for key in ("layers", "shapes"):
         if key not in grid:
             raise SweepError(f"{here}: missing key {key!r}")
