@@ -2,9 +2,11 @@
 
 Every family is a `NormSpec` over the same math. For an input x of shape (N, C, *spatial):
 
-    moments   per (sample, channel) over the spatial dims: shifted single pass, sums in float64 for float32 input
-    combine   pool them over the C/G channels of each group (and over the batch for BatchNorm): biased variance
-    y         (x - mean) * rsqrt(var + eps) * weight + bias,   then an optional fused activation
+    shift     one per set: the mean of the set's first 16 elements
+    sums      of d = x - shift and d^2, per row (layer norm, contiguous groups) or per (sample, channel), in
+              float32 for float32 input, cascaded over chunks of at most 256 elements
+    pool      the sums over the C/G channels of each group (and the batch for BatchNorm): plain sums, one shift
+    y         ((x - shift) - mean_d) * rsqrt(var + eps) * weight + bias,   then an optional fused activation
 
 GroupNorm pools C/G channels; InstanceNorm is G = C (nothing to pool); BatchNorm is G = C pooled over the batch;
 LayerNorm takes the moments of the trailing `normalized_shape` dims of each row directly.
@@ -57,14 +59,40 @@ class NormSpec:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the elementwise math: float16 and bfloat16 compute in float32, the rest in their own."""
+    """The dtype of the arithmetic, sums included: float16 and bfloat16 compute in float32, the rest in their own."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the sums accumulate in: float64 for float32/float64 inputs (sums of thousands of float32 terms
-    lose up to 50x the float32 floor otherwise), float32 for float16/bfloat16."""
-    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+# Sums run in compute_dtype: float32 for float32 input. What keeps them accurate is how they are taken, not a
+# wider type: every set is shifted by the mean of a few of its own elements (so E[d^2] - E[d]^2 loses almost
+# nothing: the shift is within a fraction of a standard deviation of the mean), and each sum is cascaded over
+# chunks of at most CHUNK elements (rounding grows with the chunk and chunk-count lengths, not with n). On an
+# AVX-512 Xeon the float64 sums this replaces cost 3-6x torch's forward time.
+CHUNK = 256
+STATS_DTYPE = torch.float64  # of the per-set sums and moments: a handful of values per set
+SHIFT_ELEMENTS = 16  # one vector: the shift is the mean of each set's first elements
+
+
+def _chunk(n: int) -> int:
+    """The first-level length of a two-level sum over n elements: a divisor of n of at most CHUNK (a multiple of
+    16 where one exists, so the inner loop vectorizes without a tail); n itself when n is small or has none."""
+    if n <= 2 * CHUNK:
+        return n
+    divisors = [d for d in range(CHUNK, 15, -1) if n % d == 0]
+    aligned = [d for d in divisors if d % 16 == 0]
+    return (aligned or divisors or [n])[0]
+
+
+def sum_dim(t: Tensor, dim: int) -> Tensor:
+    """t.sum(dim, keepdim=True) as a two-level cascade, in float64: chunks of _chunk(n) elements summed in t's
+    dtype (the vectorized pass over the data), then the few chunk sums in float64. Pooling such sums over channels
+    or the batch also runs in float64: that costs nothing next to the pass over the data."""
+    dim = dim % t.dim()
+    n = t.shape[dim]
+    L = _chunk(n)
+    if L == n:
+        return t.sum(dim, keepdim=True).to(STATS_DTYPE)
+    return t.unflatten(dim, (n // L, L)).sum(dim + 1).to(STATS_DTYPE).sum(dim, keepdim=True)
 
 
 def _count(x: Tensor, dims: tuple[int, ...]) -> int:
@@ -74,37 +102,43 @@ def _count(x: Tensor, dims: tuple[int, ...]) -> int:
     return n
 
 
+def _shifted_sums(rows: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Sums of d and d^2 over the last dim of `rows`, d = rows - shift (in shift's dtype), keepdim, float64."""
+    d = rows.to(shift.dtype) - shift
+    return sum_dim(d, -1), sum_dim(d * d, -1)
+
+
+def _first_mean(rows: Tensor, cd: torch.dtype) -> Tensor:
+    """Mean of the first SHIFT_ELEMENTS elements of each row (keepdim): the shift of that row's set."""
+    k = min(SHIFT_ELEMENTS, rows.shape[-1])
+    return rows.narrow(-1, 0, k).to(cd).mean(-1, keepdim=True)
+
+
+def _moments_from_sums(s1: Tensor, s2: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(mean - shift, biased variance) of sets of n elements from their shifted sums (float64)."""
+    mean_d = s1 / n
+    return mean_d, (s2 / n - mean_d * mean_d).clamp_min(0)
+
+
 def moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
-    """Statistics of x over dims (keepdim), in a single pass: (shift, mean - shift, biased variance).
+    """Statistics of x over dims (keepdim): (shift in compute_dtype, mean - shift, biased variance in float64).
 
-    Each reduced set is shifted by one of its own elements before the sums, so E[d^2] - E[d]^2 does not cancel
-    catastrophically when the mean is large next to the spread (torch's channels_last CPU kernels do not shift).
-    The sums run in stats_dtype(x.dtype). The shift is detached: mean and variance do not depend on it.
-    Returns the shift in x's dtype, mean - shift and the variance in stats_dtype.
+    The general form of what `statistics` does per family (used by SyncBatchNorm for its local moments): the
+    shift is the mean of the first elements of each set; the sums are cascaded (`sum_dim`).
     """
-    sd = stats_dtype(x.dtype)
-    if not dims:  # sets of one element each: the mean is the element itself (no shift: it carries the gradient)
-        return torch.zeros_like(x), x.to(sd), torch.zeros_like(x, dtype=sd)
-    if x.numel() == 0:  # an empty batch: no statistics to take, and nothing they would be applied to
-        zero = x.detach().sum(dims, keepdim=True).to(sd)
-        return zero.to(x.dtype), zero, zero + 1
-    shift = x.detach()
-    for d in dims:
-        shift = shift.narrow(d, 0, 1)
-    n = _count(x, dims)
-    d = x.to(sd) - shift.to(sd)  # exact: float32 differences are representable in float64
-    mean_d = d.sum(dims, keepdim=True) / n
-    var = ((d * d).sum(dims, keepdim=True) / n - mean_d * mean_d).clamp_min(0)
-    return shift, mean_d, var
-
-
-def combine(shift: Tensor, mean_d: Tensor, var: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Pool the moments of equal-sized sets over `dims` (keepdim): the parallel-variance formula (Chan et al.),
-    var = mean(var_i) + mean((mean_i - mean)^2), so no E[x^2] - E[x]^2 cancellation between the sets either.
-    Returns the pooled mean and biased variance, in mean_d's dtype."""
-    means = shift.to(mean_d.dtype) + mean_d
-    mean = means.mean(dims, keepdim=True)
-    return mean, var.mean(dims, keepdim=True) + (means - mean).square().mean(dims, keepdim=True)
+    cd = compute_dtype(x.dtype)
+    if not dims:  # sets of one element each: the mean is the element itself
+        return torch.zeros_like(x, dtype=cd), x.to(cd), torch.zeros_like(x, dtype=cd)
+    keep = [d for d in range(x.dim()) if d not in dims]
+    moved = x.permute(keep + list(dims))
+    rows = moved.reshape(moved.shape[:len(keep)] + (-1,))
+    stat_shape = [1 if d in dims else x.shape[d] for d in range(x.dim())]
+    if rows.shape[-1] == 0:  # an empty set: no statistics
+        zero = torch.zeros(stat_shape, dtype=cd, device=x.device)
+        return zero, zero, zero + 1
+    shift = _first_mean(rows, cd)
+    mean_d, var = _moments_from_sums(*_shifted_sums(rows, shift), rows.shape[-1])
+    return shift.reshape(stat_shape), mean_d.reshape(stat_shape), var.reshape(stat_shape)
 
 
 def normalize_affine(x: Tensor, shift: Tensor, mean_d: Tensor, var: Tensor, eps: float,
@@ -114,17 +148,9 @@ def normalize_affine(x: Tensor, shift: Tensor, mean_d: Tensor, var: Tensor, eps:
     mean = shift + mean_d. Subtracting the shift first keeps inputs with a large mean exact.
     """
     cd = compute_dtype(x.dtype)
-    return _apply(x, shift, mean_d.to(cd), _scale(var, eps, weight, cd), bias)
-
-
-def _scale(var: Tensor, eps: float, weight: Tensor | None, cd: torch.dtype) -> Tensor:
-    scale = torch.rsqrt(var + eps).to(cd)
-    return scale if weight is None else scale * weight.to(cd)
-
-
-def _apply(x: Tensor, shift: Tensor, mean_d: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    cd = compute_dtype(x.dtype)
-    y = ((x.to(cd) - shift.to(cd)) - mean_d) * scale
+    scale = torch.rsqrt(var.to(cd) + eps)
+    scale = scale if weight is None else scale * weight.to(cd)
+    y = ((x.to(cd) - shift.to(cd)) - mean_d.to(cd)) * scale
     return y if bias is None else y + bias.to(cd)
 
 
@@ -147,31 +173,62 @@ def forward(
     return _Normalize.apply(spec, x, weight, bias, shift, mean_d, rstd)
 
 
+def _channel_rows(x: Tensor) -> Tensor:
+    """x (N, C, *spatial) as (N, C, S): a view for contiguous and channels_last inputs."""
+    return x.reshape(x.shape[0], x.shape[1], _count(x, tuple(range(2, x.dim()))))
+
+
 def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, momentum=None):
     """(shift, mean - shift, rstd) broadcastable to x (per row, or per sample and channel), in compute_dtype.
 
-    Channel norms take moments per (sample, channel) over the spatial dims and pool them over the channels of a
-    group (and the batch, for BatchNorm): per-channel partial sums keep every loop affine in the channel index, so
-    Inductor vectorizes them in both memory formats. BatchNorm training also updates the running buffers here.
+    Every set (a row for layer norm; a sample's group, or a channel over the batch, for channel norms) is shifted by
+    the mean of its first elements, and the sums of d and d^2 are taken per row or per (sample, channel) and
+    pooled: one shift per set makes the pooled sums plain sums. A contiguous group is summed as one row.
+    BatchNorm training also updates the running buffers here.
     """
     cd = compute_dtype(x.dtype)
-    if spec.groups is None:  # layer norm: moments per row over the trailing dims
-        shift, mean_d, var = moments(x, tuple(range(x.dim() - spec.trailing, x.dim())))
-    elif not spec.batch_stats:  # BatchNorm eval: the running statistics
-        affine = (x.shape[1],) + (1,) * (x.dim() - 2)
-        shift, var = running_mean.reshape(affine), running_var.reshape(affine)
-        mean_d = torch.zeros_like(shift, dtype=cd)
-    else:
-        N, C, G = x.shape[0], x.shape[1], spec.groups
-        per_channel = (N, C) + (1,) * (x.dim() - 2)
-        shift, mean_d, var = moments(x, tuple(range(2, x.dim())))
-        members = lambda t: t.reshape(N, G, C // G)  # noqa: E731
-        mean, var = combine(members(shift), members(mean_d), members(var), (0, 2) if spec.batch else (2,))
+    if x.numel() == 0:  # an empty batch: no statistics, nothing they would be applied to (buffers stay as they are)
+        lead = x.dim() - spec.trailing if spec.groups is None else 2
+        zero = torch.zeros(x.shape[:lead] + (1,) * (x.dim() - lead), dtype=cd, device=x.device)
+        return zero, zero, zero + 1
+    if spec.groups is None:  # layer norm: one set per row of the trailing dims
+        lead = x.shape[:x.dim() - spec.trailing]
+        rows = x.reshape(lead + (_count(x, tuple(range(len(lead), x.dim()))),))
+        shift = _first_mean(rows, cd)
+        mean_d, var = _moments_from_sums(*_shifted_sums(rows, shift), rows.shape[-1])
+        stat_shape = lead + (1,) * spec.trailing
+        return shift.reshape(stat_shape), stored(mean_d.to(cd).reshape(stat_shape)), stored(
+            torch.rsqrt(var + spec.eps).to(cd).reshape(stat_shape))
+    N, C, G = x.shape[0], x.shape[1], spec.groups
+    per_channel = (N, C) + (1,) * (x.dim() - 2)
+    if not spec.batch_stats:  # BatchNorm eval: the running statistics
+        affine = (1, C) + (1,) * (x.dim() - 2)
+        shift = running_mean.to(cd).reshape(affine)
+        return shift, torch.zeros_like(shift), stored(torch.rsqrt(running_var.to(cd).reshape(affine) + spec.eps))
+    rows = _channel_rows(x)  # (N, C, S)
+    S = rows.shape[-1]
+    if spec.batch:  # one set per channel over (N, S): shifted by the first elements of sample 0
+        shift = _first_mean(rows[:1], cd)  # (1, C, 1)
+        s1, s2 = _shifted_sums(rows, shift)
+        mean_d, var = _moments_from_sums(s1.sum(0, keepdim=True), s2.sum(0, keepdim=True), N * S)
         if spec.momentum is not None and running_mean is not None and running_var is not None:
-            _update_running(spec, x.numel() // C, mean, var, running_mean, running_var, momentum)
-        mean_d = (mean - members(shift).to(mean.dtype)).reshape(per_channel)
-        var = var.expand(N, G, C // G).reshape(per_channel)
-    return shift, stored(mean_d.to(cd)), stored(torch.rsqrt(var + spec.eps).to(cd))
+            _update_running(spec, N * S, shift + mean_d, var, running_mean, running_var, momentum)
+        affine = (1, C) + (1,) * (x.dim() - 2)
+        return shift.reshape(affine), stored(mean_d.to(cd).reshape(affine)), stored(
+            torch.rsqrt(var + spec.eps).to(cd).reshape(affine))
+    # one set per sample and group of C // G channels, shifted by the first elements of its first channel
+    members = C // G
+    if x.is_contiguous():  # the group's elements are one contiguous row
+        group_rows = x.reshape(N, G, members * S)
+        shift = _first_mean(group_rows, cd)  # (N, G, 1)
+        s1, s2 = _shifted_sums(group_rows, shift)
+    else:
+        shift = _first_mean(rows.unflatten(1, (G, members))[:, :, 0], cd)  # (N, G, 1)
+        per_member = shift.unsqueeze(2).expand(N, G, members, 1).reshape(N, C, 1)
+        s1, s2 = (t.reshape(N, G, members).sum(2, keepdim=True) for t in _shifted_sums(rows, stored(per_member)))
+    mean_d, var = _moments_from_sums(s1, s2, members * S)
+    expand = lambda t: t.reshape(N, G, 1).expand(N, G, members).reshape(per_channel)  # noqa: E731
+    return stored(expand(shift)), stored(expand(mean_d.to(cd))), stored(expand(torch.rsqrt(var + spec.eps).to(cd)))
 
 
 # Set by normzoo.compiling once Inductor is loaded: torch.ops.prims.inductor_force_stride_order.
@@ -183,12 +240,20 @@ def stored(t: Tensor, like: Tensor | None = None) -> Tensor:
 
     Left to itself, Inductor inlines such pointwise results into the elementwise loop that reads them, and with
     libm's errno semantics the compiler cannot hoist the rsqrt and divisions out of it: they would run once per
-    element vector. Forcing a layout realizes the buffer (with the strides of `like`, when given). Eagerly this
-    is the identity.
+    element vector. Forcing a layout realizes the buffer (contiguous, or with the strides of `like`). Eagerly
+    this is the identity.
     """
     if STORE_OP is not None and torch.compiler.is_compiling():
-        return STORE_OP(t, (t if like is None else like).stride())
+        return STORE_OP(t, like.stride() if like is not None else _contiguous_strides(t.shape))
     return t
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _affine_view(spec: NormSpec, x: Tensor, t: Tensor | None, cd: torch.dtype) -> Tensor | None:
@@ -198,15 +263,11 @@ def _affine_view(spec: NormSpec, x: Tensor, t: Tensor | None, cd: torch.dtype) -
     return t.to(cd) if spec.groups is None else t.to(cd).reshape((x.shape[1],) + (1,) * (x.dim() - 2))
 
 
-def _sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
-    return t.sum(dims, keepdim=True) if dims else t  # sum(()) would reduce everything
-
-
 class _Normalize(torch.autograd.Function):
     """y = act(((x - shift) - mean_d) * rstd * weight + bias), with the full norm's gradient written out.
 
     The derived backward of the shifted, pooled statistics costs extra passes; this one takes one pass over
-    (x, dy) for the per-(sample, channel) sums of dy and dy * (x - shift) (in stats_dtype), then one
+    (x, dy) for the per-(sample, channel) sums of dy and dy * (x - shift) (cascaded, `sum_dim`), then one
     elementwise pass: dx = rstd * (dy' - mean(dy') - xhat * mean(dy' * xhat)), means over each normalized set,
     dy' = dy * weight (and the activation's derivative).
     """
@@ -218,9 +279,11 @@ class _Normalize(torch.autograd.Function):
         if spec.groups is None:  # per-row rstd, per-element weight
             y = ((x.to(cd) - shift.to(cd)) - mean_d) * rstd
             y = y if w is None else y * w
-        else:
-            y = ((x.to(cd) - shift.to(cd)) - mean_d) * (rstd if w is None else stored(rstd * w))
-        y = y if b is None else y + b
+            y = y if b is None else y + b
+        else:  # per-(sample, channel) coefficients: y = (x - shift) * a + k, two roundings after the exact x - shift
+            a = rstd if w is None else stored(rstd * w)
+            k = stored(-mean_d * a if b is None else b - mean_d * a)
+            y = (x.to(cd) - shift.to(cd)) * a + k
         if spec.activation is not None:
             y = ACTIVATIONS[spec.activation](y)
         ctx.spec = spec
@@ -231,7 +294,7 @@ class _Normalize(torch.autograd.Function):
     def backward(ctx, dy):
         spec = ctx.spec
         x, weight, bias, shift, mean_d, rstd = ctx.saved_tensors
-        cd, sd = compute_dtype(x.dtype), stats_dtype(x.dtype)
+        cd = compute_dtype(x.dtype)
         w, b = _affine_view(spec, x, weight, cd), _affine_view(spec, x, bias, cd)
         # x - shift, spelled differently from the forward's: if AOTAutograd's CSE merged the two, its partitioner
         # would save this full-size difference for the backward (an extra write in the forward) instead of x
@@ -241,26 +304,31 @@ class _Normalize(torch.autograd.Function):
         if spec.activation is not None:  # through the activation, recomputing its input
             pre = xhat if w is None else xhat * w
             g = g * ACTIVATION_GRADS[spec.activation](pre if b is None else pre + b)
-        r, m = rstd.to(sd), mean_d.to(sd)
+        r, m = rstd, mean_d
         dx = dweight = dbias = None
         if spec.groups is None:  # layer norm: per-row sums of dy' = dy * weight; parameter grads over the rows
-            stat_dims = tuple(range(x.dim() - spec.trailing, x.dim()))
+            lead = x.shape[:x.dim() - spec.trailing]
+            n = _count(x, tuple(range(len(lead), x.dim())))
+            row_sum = lambda t: sum_dim(t.reshape(lead + (n,)), -1).reshape(r.shape)  # noqa: E731
             gw = g if w is None else g * w
-            a = _sum(gw.to(sd), stat_dims)
-            c = _sum(gw.to(sd) * xc.to(sd), stat_dims) - m * a  # sum of dy' * (x - mean)
-            k1, k0 = _dx_coefficients(r, m, a, c, _count(x, stat_dims), cd)
+            a = row_sum(gw)
+            c = row_sum(gw * xc) - m * a  # sum of dy' * (x - mean)
+            k1, k0 = _dx_coefficients(r, m, a, c, n, cd)
             if ctx.needs_input_grad[1]:
                 dx = gw * rstd + (xc * k1 + k0)
-            rows = tuple(range(x.dim() - spec.trailing))
+            rows = _count(x, tuple(range(len(lead))))
+            over_rows = lambda t: sum_dim(t.reshape((rows,) + t.shape[len(lead):]), 0)  # noqa: E731
             if weight is not None and ctx.needs_input_grad[2]:
-                dweight = _sum(g * ((xc - mean_d) * rstd), rows).reshape(weight.shape)
+                dweight = over_rows(g * xhat).reshape(weight.shape)
             if bias is not None and ctx.needs_input_grad[3]:
-                dbias = _sum(g, rows).reshape(bias.shape)
+                dbias = over_rows(g).reshape(bias.shape)
         else:
             # one pass over (x, dy): per-(sample, channel) sums of dy and dy * (x - mean); the parameter grads and
             # the pooled means of dx's formula all come from them
-            a = _sum(g.to(sd), tuple(range(2, x.dim())))
-            c = _sum(g.to(sd) * xc.to(sd), tuple(range(2, x.dim()))) - m * a
+            N, C, G = x.shape[0], x.shape[1], spec.groups
+            per_channel = (N, C) + (1,) * (x.dim() - 2)
+            a = sum_dim(_channel_rows(g), -1).reshape(per_channel)
+            c = sum_dim(_channel_rows(g * xc), -1).reshape(per_channel) - m * a
             if weight is not None and ctx.needs_input_grad[2]:
                 dweight = (r * c).sum(0).reshape(weight.shape)
             if bias is not None and ctx.needs_input_grad[3]:
@@ -270,15 +338,16 @@ class _Normalize(torch.autograd.Function):
                 if x.numel() == 0 or not spec.batch_stats:  # BatchNorm eval: an affine map of x
                     dx = g * scale
                 else:
-                    N, C, G = x.shape[0], x.shape[1], spec.groups
                     if w is not None:  # sums of dy' = dy * weight
-                        a, c = a * w.to(sd), c * w.to(sd)
-                    members = lambda t: t.reshape(N, G, C // G)  # noqa: E731
+                        a, c = a * w, c * w
                     pool = (0, 2) if spec.batch else (2,)
-                    a = members(a).sum(pool, keepdim=True).expand(N, G, C // G).reshape(rstd.shape)
-                    c = members(c).sum(pool, keepdim=True).expand(N, G, C // G).reshape(rstd.shape)
+
+                    def pooled(t):  # summed over each set's members, then one value per (sample,) channel again
+                        t = t.reshape(N, G, C // G).sum(pool, keepdim=True)
+                        return t.expand(t.shape[0], G, C // G).reshape(rstd.shape)
+
                     n = x.numel() // C * (C // G) // (1 if spec.batch else N)
-                    k1, k0 = _dx_coefficients(r, m, a, c, n, cd)
+                    k1, k0 = _dx_coefficients(r, m, pooled(a), pooled(c), n, cd)
                     dx = g * scale + (xc * k1 + k0)
         if dx is not None:
             # in x's memory format: dynamo traces this backward with a contiguous dy, and Inductor would otherwise

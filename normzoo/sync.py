@@ -91,7 +91,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x, weight, shift, mean_d, invstd = ctx.saved_tensors
         C = x.shape[1]
         acc = engine.compute_dtype(x.dtype)
-        sdt = engine.stats_dtype(x.dtype)
+        sdt = engine.STATS_DTYPE
         dims = _reduce_dims(x)
         stat_shape = (1, C) + (1,) * (x.dim() - 2)
         dya = dy.to(acc)
