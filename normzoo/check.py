@@ -183,6 +183,11 @@ def _factory(layer, args: tuple = (), kwargs: dict | None = None) -> Callable[[]
     if isinstance(layer, nn.Module):
         if args or kwargs:
             raise CheckError("constructor arguments go with a class, not with a layer instance")
+        try:
+            copy.deepcopy(layer)
+        except Exception as err:  # noqa: BLE001
+            raise CheckError(f"{type(layer).__name__} cannot be deep-copied ({_first_line(err)}): pass its class "
+                             f"and constructor arguments instead") from err
         return lambda: copy.deepcopy(layer)
     if isinstance(layer, type):
         def make():
@@ -969,7 +974,7 @@ def _diagnose(geo: Geometry, rows: list[_Row], bound, roles, sample, zoo, verdic
             out.append(f"running statistics: every output matches, but running_mean/running_var after two training "
                        f"calls are {rp.sci(w.result['stats'])} off ({w.label()}){why}; running_var holds the "
                        f"unbiased variance, updated as (1 - momentum) * running + momentum * batch")
-        elif not stateful:
+        elif not stateful and not errs:
             out.append("the first call matches on every input; the difference is in the second call")
         return out
     base = {id(r): _row_err(r.got, r.want) for r in ok_rows}
@@ -1087,7 +1092,7 @@ def _sim(geo: Geometry, row: _Row, dtype: torch.dtype, unshifted: bool) -> Tenso
     w = None if row.w is None else row.w.to(dtype)
     b = None if row.b is None else row.b.to(dtype)
     y = _apply(y, _affine_view(geo, w, shape, False), _affine_view(geo, b, shape, False))
-    return y
+    return y if geo.activation is None else oracle._F64_ACTIVATIONS[geo.activation](y)
 
 
 def _rounding(geo, ok_rows, remaining, errs) -> list[tuple[str, list[_Row]]]:
