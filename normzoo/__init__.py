@@ -15,6 +15,7 @@ from .registry import available, build, load_presets, norm_factory
 from .frozen import FrozenBatchNorm2d
 from .sync import SyncBatchNorm
 from .convert import ConversionError, convert
+from .check import CheckError, check  # the function shadows the module name: import normzoo.check's names from it
 
 __version__ = "0.1.0"
 
@@ -22,5 +23,5 @@ __all__ = [
     "GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "FrozenBatchNorm2d", "SyncBatchNorm", "convert", "ConversionError",
-    "functional", "build", "norm_factory", "available", "load_presets",
+    "functional", "build", "norm_factory", "available", "load_presets", "check", "CheckError",
 ]

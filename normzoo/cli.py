@@ -1,4 +1,4 @@
-"""The `normzoo` command: list, equivalence, speed."""
+"""The `normzoo` command: list, equivalence, speed, check."""
 
 from __future__ import annotations
 
@@ -61,6 +61,43 @@ def _sweep(args, kind: str) -> int:
     return mod.exit_status(report)
 
 
+def _cmd_check(args) -> int:
+    """Load the user's layer (runs its file), check it against the oracle of --like; 0 match, 1 not, 2 bad input."""
+    import importlib
+
+    ck = importlib.import_module("normzoo.check")  # normzoo.check is also the function's name
+    from .sweeps import report as rp
+
+    try:
+        init_args, init_kwargs = ck.parse_init(args.init)
+        shape = ck.parse_shape(args.shape) if args.shape else None
+        like = args.like
+        if like.lstrip().startswith("{"):
+            like = ck.parse_init(f"_={like}")[1]["_"]  # a spec as a Python dict literal
+        layer = ck.load_target(args.target)
+        if not isinstance(layer, type) and (init_args or init_kwargs):
+            return _fail(f"--init: {args.target} is a function, not a class; it takes no constructor arguments")
+        report = ck.check(layer, like, args=init_args, kwargs=init_kwargs, shape=shape,
+                          name=args.target.rpartition(":")[2] + (f"({args.init})" if args.init else ""))
+    except ck.CheckError as err:
+        return _fail(str(err))
+    text = report.render(args.format)
+    if args.output:
+        rp.write(args.output, text)
+        print(f"{report.verdict}: {args.format} report written to {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0 if report.ok else 1
+
+
+CHECK_HELP = """Check your own norm layer against the float64 oracle of the norm it is meant to be (--like), on a small
+grid (float32/float64, input means 0, 1e2, 1e3, batch 1 and N, train and eval, the same input twice), and name the
+usual mistakes that explain a difference. Exit 0: it matches; 1: it does not; 2: bad input.
+
+TARGET is path/to/file.py:ClassName or package.module:ClassName. Loading it RUNS THAT FILE'S CODE (once, in this
+process, as `python file.py` would): check only files you trust."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .sweeps.report import FORMATS
 
@@ -84,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
             p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the ratios (needs matplotlib)")
         p.set_defaults(func=lambda args, kind=kind: _sweep(args, kind))
+
+    p = sub.add_parser("check", help="is my norm right? your layer against the oracle, with a diagnosis "
+                       "(loads and runs TARGET's file)", description=CHECK_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", metavar="TARGET", help="path/to/file.py:ClassName or package.module:ClassName "
+                   "(loading a file runs its code)")
+    p.add_argument("--like", required=True, metavar="PRESET",
+                   help="the norm it is meant to be: a preset name (normzoo list), e.g. gn32, gn1, ln, bn")
+    p.add_argument("--init", metavar="ARGS", help="constructor arguments as Python literals, e.g. '1, 3, affine=False'")
+    p.add_argument("--shape", metavar="N,C,H,W", help="input shape (default: N=4, C from the layer, 8x8)")
+    p.add_argument("--format", choices=["table", "markdown", "json"], default="table")
+    p.add_argument("--output", metavar="PATH", help="write the report here")
+    p.set_defaults(func=_cmd_check)
     return parser
 
 

@@ -50,20 +50,38 @@ def _max(values) -> float | None:
     return max(vals) if vals else None
 
 
-def _run(layer, norm, steps: list[Tensor], x: Tensor, dy: Tensor) -> dict:
-    """Warm steps (forward only, as a training loop's earlier batches), then forward + backward on x."""
+def _run(layer, norm, steps: list[Tensor], x: Tensor, dy: Tensor, tensors: dict | None = None) -> dict:
+    """Warm steps (forward only, as a training loop's earlier batches), then forward + backward on x.
+
+    `tensors` maps weight / bias / running_mean / running_var to the layer's own tensors where its names differ
+    (a user's layer under `normzoo check`); by default they are the norm's attributes of those names.
+    """
+    if tensors is None:
+        tensors = {n: getattr(norm, n) for n in ("weight", "bias", "running_mean", "running_var")
+                   if getattr(norm, n, None) is not None}
     for s in steps:
         layer(s.clone().requires_grad_(True))
     xr = x.clone().requires_grad_(True)
     y = layer(xr)
-    names = [n for n in ("weight", "bias") if getattr(norm, n, None) is not None and getattr(norm, n).requires_grad]
-    grads = torch.autograd.grad(y, [xr] + [getattr(norm, n) for n in names], dy)
+    names = [n for n in ("weight", "bias") if n in tensors and tensors[n].requires_grad]
+    grads = torch.autograd.grad(y, [xr] + [tensors[n] for n in names], dy, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip([xr] + [tensors[n] for n in names], grads)]
     out = {"y": y.detach(), "dx": grads[0]}
     out.update({f"d{n}": g for n, g in zip(names, grads[1:])})
     for buf in ("running_mean", "running_var"):
-        if getattr(norm, buf, None) is not None and norm.training and not isinstance(norm, FrozenBatchNorm2d):
-            out[buf] = getattr(norm, buf).detach().clone()
+        if buf in tensors and norm.training and not isinstance(norm, FrozenBatchNorm2d):
+            out[buf] = tensors[buf].detach().clone()
     return out
+
+
+def tolerance(base: float, x: Tensor) -> float:
+    """The case's tolerance for input x: base * (1 + eps(compute)/eps(dtype) * |mean(x)| / std(x))."""
+    x64 = x.detach().to(torch.float64)
+    std = x64.std().item() if x64.numel() > 1 else 0.0
+    # float16/bfloat16 arithmetic runs in float32 (torch's CPU kernels and the zoo alike)
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    ratio = torch.finfo(compute).eps / torch.finfo(x.dtype).eps
+    return base * (1.0 + ratio * (abs(x64.mean().item()) / std if std > 0 else 0.0))
 
 
 def _oracle(ref: Reference, steps: list[Tensor], x: Tensor, dy: Tensor, training: bool) -> dict:
@@ -111,6 +129,11 @@ def run_case(case: Case, seed: int = 0) -> dict:
             zoo.running_mean.copy_(case.offset + torch.randn(c, generator=gen, dtype=torch.float64) * 0.5)
             zoo.running_var.copy_(0.5 + torch.rand(c, generator=gen, dtype=torch.float64))
     zoo.train(training)
+    measured, tensors = zoo, None
+    if case.user is not None:  # a user's layer (normzoo check): measured in the zoo's place, with its values
+        from ..check import prepare_user
+
+        measured, tensors, _ = prepare_user(case.user.factory(), zoo, case.shape, dtype, training)
     theirs = torch_counterpart(zoo, len(case.shape))
     ref = Reference(zoo)
     bn_train = training and getattr(zoo, "running_mean", None) is not None and not frozen
@@ -121,23 +144,19 @@ def run_case(case: Case, seed: int = 0) -> dict:
     want = _oracle(ref, steps, x, dy, training)
     notes = []
     try:
-        got_zoo = _run(zoo, zoo, steps, x, dy)
+        got_zoo = _run(measured, measured, steps, x, dy, tensors)
     except Exception as err:  # noqa: BLE001 - the sweep reports it as this case's FAIL and goes on
         got_zoo = None
-        notes.append(f"normzoo raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        who = "normzoo" if case.user is None else case.layer
+        notes.append(f"{who} raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     try:
         got_torch = _run(theirs, norm_of(theirs), steps, x, dy)
     except Exception as err:  # noqa: BLE001 - torch lacking a kernel is a finding, not our failure
         got_torch = None
         notes.append(f"torch raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
 
-    x64 = x.to(torch.float64)
-    std = x64.std().item()
-    # float16/bfloat16 arithmetic runs in float32 (torch's CPU kernels and the zoo alike)
-    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    ratio = torch.finfo(compute).eps / torch.finfo(dtype).eps
-    magnitude = 1.0 + ratio * (abs(x64.mean().item()) / std if std > 0 else 0.0)
-    tol = case.tolerance * magnitude
+    tol = tolerance(case.tolerance, x)
+    magnitude = tol / case.tolerance
     ez, et = _errors(got_zoo, want), _errors(got_torch, want)
     diff = None
     if got_zoo is not None and got_torch is not None:

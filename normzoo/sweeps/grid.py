@@ -17,6 +17,13 @@ and optional lists that multiply out into cases:
 instance is fed every shape in order (the shapes must agree on dimensionality and features), and one timed call
 runs the whole sequence: the "changing shapes" scenario (compiles bounded, no cliff, no eager fallback).
 
+A layer may also be the user's own (equivalence only), checked against the oracle of the preset it is meant to be:
+
+    layers: [gn1, {name: mine, class: "my_norms.py:MyGroupNorm", init: {num_groups: 1, num_channels: 3}, like: gn1}]
+
+`class` is path/to/file.py:ClassName (relative to the sweep file's folder) or package.module:ClassName; loading it
+runs the file's code, once. `init` is the constructor's keyword arguments (a mapping) or positional ones (a list).
+
 Top level: `grids` (both), `threads` and `blocks` (speed). Every problem is found before anything runs and raised as
 SweepError naming the file, the key and the bad value; the CLI turns it into exit status 2.
 """
@@ -91,6 +98,7 @@ class Case:
     compiled: bool = True
     pass_: str = "forward"  # speed only
     sequence: tuple = ()  # speed only: the shapes fed in order, one case (`shape` is the first of them)
+    user: Any = None  # equivalence only: a user's layer (normzoo.check.UserLayer) measured in place of the zoo's
 
     @property
     def spec_dict(self) -> dict[str, Any]:
@@ -189,6 +197,56 @@ def _check_layer_shape(spec: dict, shape: tuple, where: str, label: str) -> None
         raise SweepError(f"{where}: layer {label!r} cannot take shape {list(shape)}: {err}") from None
 
 
+USER_KEYS = ("name", "class", "init", "like")
+
+
+def _user_layer(layer: dict, where: str, kind: str, src: str):
+    """A user's layer entry -> (label, like spec, UserLayer); loads its file (runs it) and builds it once."""
+    from ..check import CheckError, UserLayer
+
+    label = str(layer.get("name", layer["class"]))
+    here = f"{where}: layer {label!r}"
+    if kind != "equivalence":
+        raise SweepError(f"{here}: user layers (class:) go in equivalence sweeps, not {kind}")
+    for key in layer:
+        if key not in USER_KEYS:
+            raise SweepError(f"{here}: unknown key {key!r}; a user layer takes {', '.join(USER_KEYS)}")
+    target = layer["class"]
+    if not isinstance(target, str):
+        raise SweepError(f"{here}: class: {target!r} is not a string like \"my_norms.py:MyGroupNorm\"")
+    if "like" not in layer:
+        raise SweepError(f"{here}: missing key 'like' (the preset it is meant to be, e.g. gn1)")
+    try:
+        like = registry.resolve_spec(layer["like"])
+    except registry.PresetError as err:
+        raise SweepError(f"{here}: like: {err}") from None
+    init = layer.get("init", {})
+    if init is None:
+        init = {}
+    if isinstance(init, dict):
+        args, kwargs = (), init
+    elif isinstance(init, list):
+        args, kwargs = tuple(init), {}
+    else:
+        raise SweepError(f"{here}: init: {init!r} is neither a mapping of keyword arguments nor a list")
+    base = str(Path(src).parent) if Path(src).is_file() else None
+    user = UserLayer(target, args, tuple(sorted(kwargs.items())), base)
+    try:
+        user.factory()()
+    except CheckError as err:
+        raise SweepError(f"{here}: {err}") from None
+    return label, like, user
+
+
+def _check_user_shape(user, shape: tuple, where: str, label: str) -> None:
+    from ..check import CheckError, probe
+
+    try:
+        probe(user.factory()(), shape, label)
+    except CheckError as err:
+        raise SweepError(f"{where}: {err}") from None
+
+
 def _load_yaml(path: str | Path | None, kind: str) -> tuple[Any, str]:
     if path is None:
         name = DEFAULT_CONFIG[kind]
@@ -263,13 +321,16 @@ def _expand_grid(grid, gi: int, kind: str, src: str):
     layers = _as_list(grid["layers"], f"{here}.layers", "preset names or specs")
     resolved = []
     for layer in layers:
+        if isinstance(layer, dict) and "class" in layer:
+            resolved.append(_user_layer(layer, f"{here}.layers", kind, src))
+            continue
         try:
             if isinstance(layer, dict) and "name" in layer:  # a dict spec may carry its table label
                 layer = dict(layer)
                 label = str(layer.pop("name"))
             else:
                 label = layer_label(layer)
-            resolved.append((label, registry.resolve_spec(layer)))
+            resolved.append((label, registry.resolve_spec(layer), None))
         except registry.PresetError as err:
             raise SweepError(f"{here}.layers: bad layer {layer!r}: {err}") from None
 
@@ -312,13 +373,15 @@ def _expand_grid(grid, gi: int, kind: str, src: str):
         passes = ["forward_backward"]
 
     groups = [[tuple(s) for s in shapes]] if sequence else [[tuple(s)] for s in shapes]
-    for (label, spec0), group in itertools.product(resolved, groups):
+    for (label, spec0, user), group in itertools.product(resolved, groups):
         shape = group[0]
         spec = _fix_type(spec0, len(shape))
         fam = family_of(spec["type"])
         feat = -1 if fam == "layer_norm" else 1  # the features axis
         for s in group:
-            _check_layer_shape(spec, s, f"{here}", label)
+            _check_layer_shape(spec, s, f"{here}", label if user is None else f"{label}'s like")
+            if user is not None:
+                _check_user_shape(user, s, here, label)
             if len(s) != len(shape) or s[feat] != shape[feat]:
                 raise SweepError(f"{here}.shapes: with sequence: true one {label!r} layer takes every shape, so "
                                  f"they must agree on dimensionality and features; {list(s)} does not match "
@@ -334,7 +397,11 @@ def _expand_grid(grid, gi: int, kind: str, src: str):
             if mode == "eval" and (spec.get("track_running_stats") is False or spec["type"] == "frozen_batch_norm"):
                 yield f"eval skipped for {label}: it computes what train does"
                 continue
+            if user is not None and comp != compiled[0]:
+                continue  # a user's layer runs as written: `compiled` does not multiply it
+            if user is not None:
+                comp = False
             yield Case(grid=gi, layer=label, spec=tuple(sorted(spec.items())), shape=shape, dtype=dtype,
                        layout=layout, mode=mode, offset=offset, compiled=comp, pass_=pass_,
-                       sequence=tuple(group) if sequence else (),
+                       sequence=tuple(group) if sequence else (), user=user,
                        tolerance=_number(tolerances.get(dtype, default_tolerance(dtype)), "tolerance"))

@@ -7,6 +7,8 @@ affine tensors, running buffers), never normzoo's engine.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -83,11 +85,20 @@ def _f64(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().to(torch.float64)
 
 
-def _normalize(x: Tensor, dims: tuple[int, ...], eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Two-pass float64 statistics over dims: (x - mean) / sqrt(var + eps), mean, biased var."""
+def _normalize(x: Tensor, dims: tuple[int, ...], eps: float, *, unbiased: bool = False,
+               eps_outside: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Two-pass float64 statistics over dims: (x - mean) / sqrt(var + eps), mean, biased var.
+
+    The two switches are the usual mistakes, for `normzoo.check`'s diagnosis: `unbiased` divides the variance by
+    n - 1 (the returned var is then the unbiased one), `eps_outside` divides by sqrt(var) + eps.
+    """
     mean = x.mean(dims, keepdim=True)
     var = ((x - mean) ** 2).mean(dims, keepdim=True)
-    return (x - mean) / torch.sqrt(var + eps), mean, var
+    if unbiased:
+        n = x.numel() // max(mean.numel(), 1)
+        var = var * n / (n - 1) if n > 1 else var * math.nan
+    std = torch.sqrt(var) + eps if eps_outside else torch.sqrt(var + eps)
+    return (x - mean) / std, mean, var
 
 
 def _affine(y: Tensor, w: Tensor | None, b: Tensor | None, shape) -> Tensor:
