@@ -310,7 +310,8 @@ def _tail_of(path: str, old: nn.Module) -> list[tuple[str, nn.Module]]:
             f"tell what {cls} computes")
     tail = tuple(name for name in _TAIL if name in children)
     try:
-        why = _forward_is(old, base, tail)
+        with torch.random.fork_rng(devices=[]):  # converting must not shift the model's (CPU) random stream
+            why = _forward_is(old, base, tail)
     except Exception as err:  # noqa: BLE001 - whatever the subclass raises: it is not the pattern we know
         why = f"running it on a probe input raised {type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
     if why is not None:
