@@ -325,8 +325,9 @@ def _after_norm(where: str, old: nn.Module, tail: list[tuple[str, nn.Module]], s
                 overrides: dict) -> tuple[str | None, list[tuple[str, nn.Module]]]:
     """Split what the slot applies after its norm into the activation the new layer fuses and the modules that
     stay after it. Refuses a requested activation that would replace the slot's own."""
+    takes_activation = isinstance(spec, (str, Mapping)) or spec in {c for c, _ in registry.LAYER_TYPES.values()}
     fused = getattr(old, "activation", None) if isinstance(old, (layers._Extras, FrozenBatchNorm2d)) else None
-    if fused is None and len(tail) == 1 and tail[0][0] == "act" and _fusable(tail[0][1]):
+    if fused is None and takes_activation and len(tail) == 1 and tail[0][0] == "act" and _fusable(tail[0][1]):
         fused, tail = _fusable(tail[0][1]), []
     if isinstance(spec, (str, Mapping)):
         requested = registry.resolve_spec(spec).get("activation")
@@ -338,7 +339,6 @@ def _after_norm(where: str, old: nn.Module, tail: list[tuple[str, nn.Module]], s
         raise ConversionError(f"{where}: the layer already applies {' then '.join(slot_acts)} after the norm, and "
                               f"the preset or overrides ask for activation={requested!r} too; convert() keeps the "
                               f"model's activation (use a preset without one)")
-    takes_activation = isinstance(spec, (str, Mapping)) or spec in {c for c, _ in registry.LAYER_TYPES.values()}
     if fused is not None and not takes_activation:  # a callable that may not fuse: keep it as a module
         if tail:
             raise ConversionError(f"{where}: it fuses activation={fused!r} before its own {[n for n, _ in tail]}, "

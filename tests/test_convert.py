@@ -566,3 +566,10 @@ def test_activations_are_kept_across_families_and_conflicts_refused():
         normzoo.convert(nn.Sequential(BatchNormAct2d(8, act_layer=nn.SiLU)), "bn_relu")
     with pytest.raises(normzoo.ConversionError, match=r"already applies silu after the norm.*activation='gelu'"):
         normzoo.convert(nn.Sequential(normzoo.BatchNorm2d(8, activation="silu")), "bn", activation="gelu")
+
+
+def test_callable_spec_keeps_the_activation_module():
+    """A spec that cannot fuse (any callable): the subclass's own activation module stays after the new norm."""
+    layer = BatchNormAct2d(8, act_layer=nn.ReLU, act_kwargs={"inplace": True})
+    new = normzoo.convert(nn.Sequential(layer), lambda c: nn.BatchNorm2d(c))[0]
+    assert isinstance(new, NormAct) and new.act is layer.act and type(new.norm) is nn.BatchNorm2d
