@@ -1,14 +1,47 @@
-"""normzoo.convert: swap every normalization layer of a model for a preset, by name.
+"""normzoo.convert: swap every normalization layer of a model for a preset, by name, without changing what it computes.
 
     model = torchvision_like_resnet()
+    model = normzoo.convert(model, "bn")              # the same model on normzoo's BatchNorm (eps, momentum kept)
     model = normzoo.convert(model, "gn32")            # every BatchNorm2d -> normzoo.GroupNorm(32, C)
     model = normzoo.convert(model, "frozen_bn")       # BatchNorm -> FrozenBatchNorm2d with its statistics
 
 Slots that are converted: torch.nn's BatchNorm1d/2d/3d (and Lazy*), SyncBatchNorm, InstanceNorm1d/2d/3d, GroupNorm,
-LayerNorm and RMSNorm, and normzoo's own layers (FrozenBatchNorm2d and SyncBatchNorm included). Other modules
-(LocalResponseNorm, user classes) are left as they are.
+LayerNorm and RMSNorm, normzoo's own layers (FrozenBatchNorm2d and SyncBatchNorm included), and subclasses of these
+(see "Subclasses" below). Other modules (LocalResponseNorm, user classes) are left as they are.
 
-Rules:
+Hyperparameters (the rule):
+- Same family (BatchNorm*d / SyncBatchNorm / FrozenBatchNorm2d -> a batch_norm, sync_batch_norm or frozen_batch_norm
+  preset; InstanceNorm -> instance_norm; GroupNorm -> group_norm; LayerNorm -> layer_norm): the old layer's eps,
+  momentum, affine (elementwise_affine), bias, track_running_stats (and a SyncBatchNorm's process_group) are kept,
+  as far as the new layer takes them; the preset's values for these are not used. Keyword overrides to convert()
+  win over both. What the preset is about stays the preset's: num_groups of a group_norm preset, the layer type.
+- Cross family (BatchNorm -> gn32, LayerNorm([C, H, W]) -> gn1, ...): the preset's values (and the overrides).
+- A class or callable spec: a normzoo layer class follows the same rule; any other callable builds what it builds.
+- Where the new layer cannot keep a value, convert() refuses instead of changing the model: an
+  InstanceNorm(track_running_stats=True) to normzoo's InstanceNorm (which keeps none), a BatchNorm without running
+  statistics to frozen_bn.
+
+Activations and dropout after the norm (never dropped):
+- A normzoo layer's fused `activation=` is kept, across families too: it is not a norm hyperparameter.
+- A preset or override asking for a different activation than the slot already applies is refused; on a slot
+  without one it is added, as asked (bn_relu). `activation=None` asks for nothing: it removes no activation.
+
+Subclasses (timm's BatchNormAct2d, GroupNormAct, ...): a subclass of a torch.nn / normzoo norm whose `forward` is its
+own is converted only when convert() recognizes it:
+- timm's norm_act pattern: the base class's forward, then the child modules `drop` and `act` (those present, that
+  order), and no other children. The activation becomes the fused `activation=` where normzoo has it (exactly
+  nn.ReLU, nn.SiLU, nn.GELU with approximate "none" or "tanh"; inplace or not) and no dropout sits between;
+  anything else (Hardswish, a timm activation class, Dropout, DropPath) stays a module after the norm: the slot then
+  holds a NormAct(norm, drop, act), whose state_dict keys are the replaced layer's (weight, running_mean, act.weight,
+  ...), so checkpoints load both ways. A subclass with no children whose forward computes its base's is a plain
+  layer of that family.
+- The recognition is checked, not assumed: on a float64 probe input (random parameters and statistics, train and
+  eval, dropout off), the subclass's forward must give the base forward followed by drop and act, and move its
+  running statistics the same. Any other forward (timm's channels-first LayerNorm2d, say) is refused with a
+  ConversionError naming the class and why. So are norm layers carrying forward or backward hooks, which the
+  replacement would silently lose, and uninitialized lazy layers (run a forward first).
+
+Other rules:
 - num_features comes from the old layer: num_features, num_channels, or normalized_shape for a LayerNorm slot.
 - Channel slots (BatchNorm, InstanceNorm, GroupNorm, ...) normalize dim 1 of (N, C, *): a preset of the batch_norm or
   instance_norm family is built with the slot's dimensionality (BatchNorm1d slot -> BatchNorm1d, 3d -> 3d; slots of
@@ -20,11 +53,13 @@ Rules:
   layers have them. Device, dtype and train/eval mode are kept.
 - A layer that cannot be built (GroupNorm(32) over 48 channels, say) raises ConversionError naming its path.
 The model is changed in place (as torch.nn.SyncBatchNorm.convert_sync_batchnorm does) and returned; if `model` is
-itself a norm layer the new layer is returned.
+itself a norm layer the new layer is returned. Nothing is swapped unless every layer can be.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Mapping
 
 import torch
@@ -34,7 +69,7 @@ from . import layers, registry
 from .frozen import FrozenBatchNorm2d
 from .sync import SyncBatchNorm
 
-__all__ = ["convert", "ConversionError", "is_norm_layer"]
+__all__ = ["convert", "ConversionError", "is_norm_layer", "NormAct"]
 
 
 class ConversionError(ValueError):
@@ -46,11 +81,31 @@ _NN_IN = nn.modules.instancenorm._InstanceNorm
 _RMS = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 _CHANNEL_SLOTS = (_NN_BN, _NN_IN, nn.GroupNorm, layers._ChannelNorm, layers.GroupNorm, FrozenBatchNorm2d)
 _LAST_DIM_SLOTS = (nn.LayerNorm, layers.LayerNorm) + _RMS
+_FAMILIES = {  # family -> the slot classes of that family
+    "batch_norm": (_NN_BN, layers._BatchNorm, FrozenBatchNorm2d),
+    "instance_norm": (_NN_IN, layers._InstanceNorm),
+    "group_norm": (nn.GroupNorm, layers.GroupNorm),
+    "layer_norm": (nn.LayerNorm, layers.LayerNorm),
+}
+# The hyperparameters a same-family conversion keeps (the old layer's attribute = the constructor argument).
+_KEPT = ("eps", "momentum", "affine", "elementwise_affine", "bias", "track_running_stats", "process_group")
+# timm's norm_act layers apply these children after the norm, in this order.
+_TAIL = ("drop", "act")
+_ACTIVATION_MODULES = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU,
+                       "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
 
 
 def is_norm_layer(module: nn.Module) -> bool:
     """True for the layers convert() replaces."""
     return isinstance(module, _CHANNEL_SLOTS + _LAST_DIM_SLOTS)
+
+
+def _known_base(module: nn.Module) -> type:
+    """The nearest class of torch.nn's or normzoo's own in the module's MRO: the forward convert() knows."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith(("torch.nn.modules.", "normzoo.")):
+            return cls
+    raise AssertionError(f"{type(module).__name__} is no torch.nn module")  # is_norm_layer() guarantees one
 
 
 def _slot_dims(module: nn.Module) -> int | None:
@@ -59,8 +114,9 @@ def _slot_dims(module: nn.Module) -> int | None:
         return None
     if isinstance(module, FrozenBatchNorm2d):
         return 2
+    name = _known_base(module).__name__  # a subclass's own name says nothing (timm's BatchNormAct2d does, MyBN not)
     for d in (1, 2, 3):
-        if type(module).__name__.endswith(f"{d}d"):
+        if name.endswith(f"{d}d"):
             return d
     return None
 
@@ -79,18 +135,50 @@ def _spec_name(spec) -> str:
 
 
 def _family(kind: str) -> str:
+    if kind in ("frozen_batch_norm", "sync_batch_norm"):
+        return "batch_norm"
     for family in ("batch_norm", "instance_norm"):
         if kind == family or kind in (f"{family}1d", f"{family}2d", f"{family}3d"):
             return family
     return kind
 
 
+def _slot_family(module: nn.Module) -> str | None:
+    return next((family for family, classes in _FAMILIES.items() if isinstance(module, classes)), None)
+
+
+def _kept(old: nn.Module, cls: type) -> dict:
+    """The old layer's hyperparameters that `cls`'s constructor takes (same-family conversion)."""
+    values = {}
+    for name in _KEPT:
+        if name == "bias":
+            if getattr(old, "affine", getattr(old, "elementwise_affine", True)):
+                values["bias"] = getattr(old, "bias", None) is not None
+        elif hasattr(old, name):
+            values[name] = getattr(old, name)
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in values.items() if k in params}
+
+
+def _check_keepable(where: str, old: nn.Module, family: str, kind: str) -> None:
+    """Refuse what the new layer would silently compute differently for lack of a hyperparameter."""
+    if kind == "frozen_batch_norm" and family == "batch_norm" and getattr(old, "running_mean", True) is None:
+        raise ConversionError(f"{where}: it keeps no running statistics (track_running_stats=False), so there are "
+                              f"none to freeze; FrozenBatchNorm2d would normalize with mean 0 and variance 1")
+
+
 def _build_for(path: str, old: nn.Module, spec, overrides: dict) -> nn.Module:
-    """The new layer for the slot `old` at `path`."""
+    """The new layer for the slot `old` at `path` (the norm alone: what comes after it is the caller's)."""
     if not isinstance(spec, (str, Mapping)):  # a class or callable: trust it with num_features
         features = old.normalized_shape[-1] if isinstance(old, _LAST_DIM_SLOTS) else _channels(old)
+        kind = {cls: kind for kind, (cls, _) in registry.LAYER_TYPES.items()}.get(spec)
+        kwargs = {}
+        if kind is not None and _family(kind) == _slot_family(old):
+            _check_keepable(f"{path}: cannot replace {_describe(old)} with {spec.__name__}", old, _family(kind), kind)
+            kwargs.update(_kept(old, spec))
+        kwargs.update(overrides)
         try:
-            return registry.build(spec, features, **overrides)
+            return registry.build(spec, features, **kwargs)
         except (ValueError, TypeError) as err:
             raise ConversionError(f"{path}: cannot replace {_describe(old)} with {spec!r}: {err}") from None
 
@@ -104,7 +192,7 @@ def _build_for(path: str, old: nn.Module, spec, overrides: dict) -> nn.Module:
             features = shape if len(shape) > 1 else shape[0]
         elif len(shape) > 1:  # LayerNorm([C, H, W]) on (N, C, H, W): channels are at dim 1
             features = shape[0]
-            if family in ("batch_norm", "instance_norm"):
+            if family in ("batch_norm", "instance_norm") and kind not in ("frozen_batch_norm", "sync_batch_norm"):
                 kind = f"{family}{len(shape) - 1}d" if len(shape) - 1 in (1, 2, 3) else kind
         else:
             raise ConversionError(
@@ -116,10 +204,13 @@ def _build_for(path: str, old: nn.Module, spec, overrides: dict) -> nn.Module:
             raise ConversionError(
                 f"{where}: layer_norm normalizes the last dim, but this slot normalizes channels at dim 1 of "
                 f"(N, C, *); use 'gn1' for LayerNorm-style statistics over (C, *spatial) with a per-channel affine")
-        if family in ("batch_norm", "instance_norm"):
+        if family in ("batch_norm", "instance_norm") and kind not in ("frozen_batch_norm", "sync_batch_norm"):
             dims = _slot_dims(old)
             kind = f"{family}{dims or 2}d"
     merged["type"] = kind
+    if family == _slot_family(old):  # same family: the model's hyperparameters, not the preset's
+        _check_keepable(where, old, family, kind)
+        merged.update(_kept(old, registry.LAYER_TYPES[kind][0]))
     try:
         return registry.build(merged, features, **overrides)
     except (ValueError, TypeError) as err:
@@ -130,6 +221,180 @@ def _channels(module: nn.Module) -> int:
     if isinstance(module, (nn.GroupNorm, layers.GroupNorm)):
         return module.num_channels
     return module.num_features
+
+
+# ------------------------------------------------------------------------------------- subclasses with a forward
+
+
+def _fusable(act: nn.Module) -> str | None:
+    """The name of normzoo's fused activation computing `act`, or None. Exact classes only: a subclass of nn.ReLU
+    may compute anything."""
+    if type(act) is nn.ReLU:
+        return "relu"
+    if type(act) is nn.SiLU:
+        return "silu"
+    if type(act) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    return None
+
+
+def _probe_input(module: nn.Module, generator: torch.Generator) -> torch.Tensor:
+    if isinstance(module, _LAST_DIM_SLOTS):
+        shape = (2, 3) + tuple(module.normalized_shape)
+    else:
+        spatial = {1: (5,), 2: (3, 5), 3: (2, 3, 5)}[_slot_dims(module) or 2]
+        shape = (3, _channels(module)) + spatial
+    return torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 0.5
+
+
+def _forward_is(module: nn.Module, base: type, tail: tuple[str, ...]) -> str | None:
+    """Run `module` and base.forward + its children `tail` on a float64 probe, in train and eval mode (dropout
+    off), with random parameters and statistics; None when outputs and running statistics agree, else why not."""
+    generator = torch.Generator().manual_seed(0)
+    ref = copy.deepcopy(module).double()
+    with torch.no_grad():
+        for t in list(ref.parameters(recurse=False)) + list(ref.buffers(recurse=False)):
+            if t is not None and t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=generator, dtype=torch.float64) + 0.5)
+    if isinstance(getattr(ref, "compile", None), bool):
+        ref.compile = False  # a normzoo subclass: the probe is no reason to compile a kernel
+    device = next((t.device for t in list(ref.parameters()) + list(ref.buffers())), torch.device("cpu"))
+    x = _probe_input(ref, generator).to(device)
+    for training in (True, False):
+        got_m, want_m = copy.deepcopy(ref).train(training), copy.deepcopy(ref).train(training)
+        for m in (got_m, want_m):
+            for name in tail:
+                getattr(m, name).eval()  # dropout off: both sides must agree elementwise
+        with torch.no_grad():
+            got = got_m(x.clone())
+            want = base.forward(want_m, x.clone())
+            for name in tail:
+                want = getattr(want_m, name)(want)
+        mode = "train" if training else "eval"
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            return f"in {mode} mode it returns {type(got).__name__} {tuple(getattr(got, 'shape', ()))}, " \
+                   f"{base.__name__}.forward{' + ' + ' + '.join(tail) if tail else ''} {tuple(want.shape)}"
+        err = (got - want).abs().max().item() if got.numel() else 0.0
+        if not err <= 1e-10 * (1 + want.abs().max().item() if want.numel() else 1):
+            return f"in {mode} mode its output differs from {base.__name__}.forward" \
+                   f"{' followed by ' + ', '.join(tail) if tail else ''} by {err:.3g}"
+        for (name, a), (_, b) in zip(got_m.named_buffers(recurse=False), want_m.named_buffers(recurse=False)):
+            if a is not None and not torch.allclose(a.double(), b.double(), rtol=1e-10, atol=1e-12):
+                return f"in {mode} mode it updates {name} differently from {base.__name__}.forward"
+    return None
+
+
+def _tail_of(path: str, old: nn.Module) -> list[tuple[str, nn.Module]]:
+    """What `old` applies after its norm: [] for a torch.nn / normzoo layer, the (name, module) children of a
+    recognized subclass (Identity left out); ConversionError naming the class for anything else."""
+    who = f"{path}: cannot replace {_describe(old)}"
+    if isinstance(old, nn.modules.lazy.LazyModuleMixin) and old.has_uninitialized_params():
+        raise ConversionError(f"{who}: it is an uninitialized lazy module (its num_features is not known yet); "
+                              f"run one forward pass before converting")
+    hooks = [kind for kind, d in (("forward", old._forward_hooks), ("forward pre", old._forward_pre_hooks),
+                                  ("backward", old._backward_hooks),
+                                  ("backward pre", getattr(old, "_backward_pre_hooks", {}))) if d]
+    if hooks:
+        raise ConversionError(f"{who}: it has {' and '.join(hooks)} hooks, which the new layer would not run; "
+                              f"convert before registering them")
+    base = _known_base(old)
+    if type(old).forward is base.forward:
+        return []
+    cls = type(old).__name__
+    children = dict(old.named_children())
+    others = [name for name in children if name not in _TAIL]
+    if others:
+        raise ConversionError(
+            f"{who}: {cls} overrides {base.__name__}.forward and has child modules {others}; convert() recognizes "
+            f"only the base forward followed by children {list(_TAIL)} (timm's norm + drop + act), so it cannot "
+            f"tell what {cls} computes")
+    tail = tuple(name for name in _TAIL if name in children)
+    try:
+        with torch.random.fork_rng(devices=[]):  # converting must not shift the model's (CPU) random stream
+            why = _forward_is(old, base, tail)
+    except Exception as err:  # noqa: BLE001 - whatever the subclass raises: it is not the pattern we know
+        why = f"running it on a probe input raised {type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+    if why is not None:
+        expected = f"{base.__name__}.forward" + (f" followed by {', '.join(tail)}" if tail else "")
+        raise ConversionError(f"{who}: {cls} overrides {base.__name__}.forward with a computation convert() does "
+                              f"not recognize (expected {expected}): {why}")
+    return [(name, children[name]) for name in tail if type(children[name]) is not nn.Identity]
+
+
+def _after_norm(where: str, old: nn.Module, tail: list[tuple[str, nn.Module]], spec,
+                overrides: dict) -> tuple[str | None, list[tuple[str, nn.Module]]]:
+    """Split what the slot applies after its norm into the activation the new layer fuses and the modules that
+    stay after it. Refuses a requested activation that would replace the slot's own."""
+    takes_activation = isinstance(spec, (str, Mapping)) or spec in {c for c, _ in registry.LAYER_TYPES.values()}
+    fused = getattr(old, "activation", None) if isinstance(old, (layers._Extras, FrozenBatchNorm2d)) else None
+    if fused is None and takes_activation and len(tail) == 1 and tail[0][0] == "act" and _fusable(tail[0][1]):
+        fused, tail = _fusable(tail[0][1]), []
+    if isinstance(spec, (str, Mapping)):
+        requested = registry.resolve_spec(spec).get("activation")
+    else:
+        requested = None
+    requested = overrides.get("activation", requested)
+    slot_acts = ([fused] if fused else []) + [type(m).__name__ for name, m in tail if name == "act"]
+    if requested is not None and slot_acts and (fused != requested or len(slot_acts) > 1):
+        raise ConversionError(f"{where}: the layer already applies {' then '.join(slot_acts)} after the norm, and "
+                              f"the preset or overrides ask for activation={requested!r} too; convert() keeps the "
+                              f"model's activation (use a preset without one)")
+    if fused is not None and not takes_activation:  # a callable that may not fuse: keep it as a module
+        if tail:
+            raise ConversionError(f"{where}: it fuses activation={fused!r} before its own {[n for n, _ in tail]}, "
+                                  f"and {spec!r} takes no activation=; use a normzoo preset or layer class")
+        tail, fused = [("act", _ACTIVATION_MODULES[fused]())], None
+    return fused, tail
+
+
+class NormAct(nn.Module):
+    """A norm followed by the modules the layer it replaced applied after its norm (dropout, drop-path, an
+    activation normzoo does not fuse), made by convert() for subclasses such as timm's BatchNormAct2d.
+
+    ``forward(x) = act(drop(norm(x)))`` (those present). state_dict keys are those of the replaced layer: the
+    norm's at the top level (``weight``, ``running_mean``, ...), the others under their names (``act.weight`` for a
+    PReLU), so checkpoints of the original model load into the converted one and back. Parameter names
+    (named_parameters) keep the ``norm.`` level; state_dicts with ``norm.`` keys load too.
+    """
+
+    def __init__(self, norm: nn.Module, drop: nn.Module | None = None, act: nn.Module | None = None) -> None:
+        super().__init__()
+        self.norm = norm
+        if drop is not None:
+            self.drop = drop
+        if act is not None:
+            self.act = act
+        self.register_state_dict_post_hook(_flatten_norm_keys)
+        self.register_load_state_dict_pre_hook(_nest_norm_keys)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = self.norm(input)
+        for name in _TAIL:
+            if name in self._modules:
+                x = self._modules[name](x)
+        return x
+
+
+def _flatten_norm_keys(module: NormAct, state_dict, prefix: str, local_metadata) -> None:
+    inner = prefix + "norm."
+    # this module's entries are the last ones: take them out and put them back renamed, in the same order
+    entries = [(k, state_dict.pop(k)) for k in [k for k in state_dict if k.startswith(prefix)]]
+    for key, value in entries:
+        state_dict[prefix + key[len(inner):] if key.startswith(inner) else key] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None and inner[:-1] in metadata:  # the norm's version, where the norm's keys now are
+        metadata[prefix[:-1]] = metadata.pop(inner[:-1])
+
+
+def _nest_norm_keys(module: NormAct, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                    unexpected_keys, error_msgs) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        head = key[len(prefix):].split(".", 1)[0]
+        if head not in module._modules:
+            state_dict[prefix + "norm." + key[len(prefix):]] = state_dict.pop(key)
+
+
+# --------------------------------------------------------------------------------------------------- convert
 
 
 def _reference_tensor(module: nn.Module, fallback: torch.Tensor | None) -> torch.Tensor | None:
@@ -153,14 +418,37 @@ def _carry_state(old: nn.Module, new: nn.Module) -> None:
             dst.copy_(src)
 
 
+def _replacement(path: str, old: nn.Module, spec, overrides: dict, fallback: torch.Tensor | None) -> nn.Module:
+    tail = _tail_of(path, old)
+    where = f"{path}: cannot replace {_describe(old)} with " + (
+        f"preset {_spec_name(spec)}" if isinstance(spec, (str, Mapping)) else repr(spec))
+    activation, after = _after_norm(where, old, tail, spec, overrides)
+    new = _build_for(path, old, spec, overrides if activation is None else {**overrides, "activation": activation})
+    ref = _reference_tensor(old, fallback)
+    if ref is not None:
+        new.to(device=ref.device, dtype=ref.dtype)
+    _carry_state(old, new)
+    new.train(old.training)
+    if not after:
+        return new
+    out = NormAct(new, **dict(after))
+    out.train(old.training)
+    return out
+
+
 def convert(model: nn.Module, spec, **overrides) -> nn.Module:
     """Replace every normalization layer of `model` by the layer `spec` names, built for that slot.
+
+    Same-family conversion keeps the model's eps, momentum, affine, bias and track_running_stats; cross-family
+    conversion takes the preset's. Activations and dropout applied after a norm are kept (fused where normzoo can).
+    Subclasses with their own forward are converted only where recognized (see the module docstring).
 
     Args:
         model: any nn.Module; changed in place.
         spec: a preset name ("gn32", "bn", "frozen_bn", ...), a spec dict {"type": ..., **kwargs}, or a class /
             callable taking num_features.
-        overrides: constructor arguments replacing the preset's (e.g. ``compile=False``, ``eps=1e-3``).
+        overrides: constructor arguments for every new layer, winning over the preset's and the kept values
+            (e.g. ``compile=False``, ``eps=1e-3``).
 
     Returns:
         `model` (or the new layer when `model` itself is a norm layer).
@@ -179,15 +467,8 @@ def convert(model: nn.Module, spec, **overrides) -> nn.Module:
     # Build every replacement first, so a failing layer leaves the model untouched.
     replacements: dict[int, nn.Module] = {}
     for path, module in model.named_modules(remove_duplicate=True):
-        if not is_norm_layer(module):
-            continue
-        new = _build_for(path or "<root>", module, spec, overrides)
-        ref = _reference_tensor(module, fallback)
-        if ref is not None:
-            new.to(device=ref.device, dtype=ref.dtype)
-        _carry_state(module, new)
-        new.train(module.training)
-        replacements[id(module)] = new
+        if is_norm_layer(module):
+            replacements[id(module)] = _replacement(path or "<root>", module, spec, overrides, fallback)
 
     if id(model) in replacements:
         return replacements[id(model)]

@@ -39,6 +39,17 @@ def _check_more_than_one_value(size: list[int]) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
+def _empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """The answer for an input with no elements, as torch's: an empty copy of the input, tied to weight and bias
+    so that backward gives them zero gradients, not None (ATen's batch_norm does the same with weight[0] and
+    bias[0], which raises an IndexError when they are empty; this does not). No statistics, nothing updated."""
+    out = input.clone()
+    for p in (weight, bias):
+        if p is not None:
+            out = out + p.sum() * 0  # a 0-dim term on an empty output: adds nothing, keeps the dtype
+    return out
+
+
 def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
                eps: float = 1e-5, *, activation: str | None = None, compile: bool = True) -> Tensor:
     """Group Normalization over (C/G channels, *spatial) of each sample and group; see normzoo.GroupNorm."""
@@ -52,6 +63,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bia
     _check_more_than_one_value([input.shape[0] * C // num_groups, num_groups] + list(input.shape[2:]))
     _check_affine("weight", weight, (C,), "one per channel")
     _check_affine("bias", bias, (C,), "one per channel")
+    if input.numel() == 0:
+        return _empty_output(input, weight, bias)
     spec = NormSpec(groups=num_groups, eps=float(eps), activation=activation)
     return compiling.run(spec, input, weight, bias, compile=compile)
 
@@ -69,6 +82,8 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Ten
             f"layer_norm: input of shape {tuple(input.shape)} does not end with normalized_shape {shape}")
     _check_affine("weight", weight, shape, "normalized_shape")
     _check_affine("bias", bias, shape, "normalized_shape")
+    if input.numel() == 0:
+        return _empty_output(input, weight, bias)
     spec = NormSpec(groups=None, eps=float(eps), trailing=k, activation=activation)
     return compiling.run(spec, input, weight, bias, compile=compile)
 
@@ -94,6 +109,8 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {list(input.shape)}")
     _check_affine("weight", weight, (C,), "one per channel")
     _check_affine("bias", bias, (C,), "one per channel")
+    if input.numel() == 0:  # (torch raises an IndexError on a (0, C, *) batch)
+        return _empty_output(input, weight, bias)
     spec = NormSpec(groups=C, eps=float(eps), activation=activation)
     return compiling.run(spec, input, weight, bias, compile=compile)
 
@@ -111,6 +128,11 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     """
     _check_floating(input)
     _check_activation(activation)
+    if input.numel() == 0 and (input.dim() < 2 or input.shape[1] == 0):
+        # no channel dim, or no channels: torch returns an empty tensor whatever the buffers' sizes
+        if training:
+            _check_more_than_one_value(list(input.shape))
+        return _empty_output(input, weight, bias)
     if input.dim() < 2:
         raise ValueError(f"batch_norm expects an input of shape (N, C, *), got {tuple(input.shape)}")
     C = input.shape[1]
@@ -124,6 +146,8 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif running_mean is None or running_var is None:
         raise ValueError("batch_norm with training=False needs running_mean and running_var")
+    if input.numel() == 0:  # torch leaves the running statistics alone on an empty batch
+        return _empty_output(input, weight, bias)
     m_tensor = momentum if isinstance(momentum, Tensor) else None
     # torch leaves the running statistics alone on an empty batch
     update = training and running_mean is not None and running_var is not None and input.numel() > 0

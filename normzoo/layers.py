@@ -52,6 +52,7 @@ class GroupNorm(_Extras, nn.Module):
         num_channels: C, must be divisible by the number of groups.
         eps: added to the variance. Default: 1e-5
         affine: learnable per-channel weight (ones) and bias (zeros). Default: True
+        bias: learn the bias too (with ``affine``; keyword only, as torch.nn). Default: True
         group_size: channels per group, in place of ``num_groups`` (keyword only).
         compile: run Inductor-compiled kernels. Default: True
         activation: fuse ``"silu"``, ``"relu"``, ``"gelu"`` or ``"gelu_tanh"`` after the affine. Default: None
@@ -72,12 +73,16 @@ class GroupNorm(_Extras, nn.Module):
     affine: bool
 
     def __init__(self, num_groups: int | None = None, num_channels: int | None = None, eps: float = 1e-5,
-                 affine: bool = True, device=None, dtype=None, *, group_size: int | None = None,
+                 affine: bool = True, device=None, dtype=None, *, bias: bool = True, group_size: int | None = None,
                  compile: bool = True, activation: str | None = None) -> None:
+        # num_groups and num_channels default to None only so that group_size= can replace num_groups: leaving
+        # out both is the TypeError torch.nn.GroupNorm raises for a missing argument.
         super().__init__()
         if num_channels is None:
             raise TypeError("GroupNorm needs num_channels")
-        if (num_groups is None) == (group_size is None):
+        if num_groups is None and group_size is None:
+            raise TypeError("GroupNorm needs num_groups (or group_size)")
+        if num_groups is not None and group_size is not None:
             raise ValueError(f"GroupNorm takes exactly one of num_groups and group_size, "
                              f"got num_groups={num_groups}, group_size={group_size}")
         if group_size is not None:
@@ -91,7 +96,10 @@ class GroupNorm(_Extras, nn.Module):
         factory_kwargs = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -100,7 +108,8 @@ class GroupNorm(_Extras, nn.Module):
     def reset_parameters(self) -> None:
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_channels:
@@ -110,7 +119,8 @@ class GroupNorm(_Extras, nn.Module):
                              activation=self.activation, compile=self.compile)
 
     def extra_repr(self) -> str:
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}" + self._extras_repr()
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"bias={self.bias is not None}" + self._extras_repr())
 
 
 class LayerNorm(_Extras, nn.Module):
@@ -176,8 +186,8 @@ class LayerNorm(_Extras, nn.Module):
                              activation=self.activation, compile=self.compile)
 
     def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
-                + self._extras_repr())
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"bias={self.bias is not None}" + self._extras_repr())
 
 
 class _ChannelNorm(_Extras, nn.Module):

@@ -157,6 +157,7 @@ class SyncBatchNorm(_BatchNorm):
         affine: learnable per-channel weight (ones) and bias (zeros). Default: True
         track_running_stats: keep running_mean / running_var / num_batches_tracked. Default: True
         process_group: the group to synchronize over; None: the default (world) group.
+        bias: learn the bias too (with ``affine``; keyword only, as torch.nn). Default: True
         compile, activation: as for :class:`normzoo.BatchNorm2d` (``compile`` applies to the unsynchronized path).
 
     Shape:
@@ -172,9 +173,9 @@ class SyncBatchNorm(_BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
-                 compile: bool = True, activation: str | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, compile=compile,
-                         activation=activation)
+                 bias: bool = True, compile: bool = True, activation: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         compile=compile, activation=activation)
         self.process_group = process_group
         _compiler_disabled_sync()
 
@@ -223,7 +224,7 @@ class SyncBatchNorm(_BatchNorm):
             weight = getattr(module, "weight", None)
             ref = weight if weight is not None else module.running_mean
             module_output = cls(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats, process_group,
+                                module.track_running_stats, process_group, bias=module.bias is not None,
                                 compile=getattr(module, "compile", True) if isinstance(module, _BatchNorm) else True,
                                 activation=getattr(module, "activation", None))
             if ref is not None:

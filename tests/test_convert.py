@@ -10,7 +10,7 @@ from torch import nn
 
 import normzoo
 from normzoo import registry
-from normzoo.convert import is_norm_layer
+from normzoo.convert import NormAct, is_norm_layer
 
 CHANNEL_FAMILIES = {  # preset type -> the class it must become on a 2d channel slot of the CNN below
     "group_norm": normzoo.GroupNorm,
@@ -273,3 +273,303 @@ def test_frozen_preset_and_convert_shortcut():
     model = nn.Sequential(nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4))
     out = normzoo.FrozenBatchNorm2d.convert_frozen_batchnorm(model)
     assert isinstance(out[1], normzoo.FrozenBatchNorm2d)
+
+
+# ------------------------------------------------------------------ fidelity: hyperparameters, subclasses, refusals
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Stand-in for timm's BatchNormAct2d (timm/layers/norm_act.py): a BatchNorm2d subclass whose forward is a copy
+    of BatchNorm2d's followed by self.drop and self.act."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, act_layer=nn.ReLU, act_kwargs=None, drop_layer=None):
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = act_layer(**(act_kwargs or {})) if act_layer is not None else nn.Identity()
+
+    def forward(self, x):
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        x = nn.functional.batch_norm(
+            x, self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight, self.bias, use_batch, factor, self.eps)
+        return self.act(self.drop(x))
+
+
+class GroupNormAct(nn.GroupNorm):
+    """Stand-in for timm's GroupNormAct: GroupNorm, then drop, then act."""
+
+    def __init__(self, num_channels, num_groups=4, act_layer=nn.SiLU):
+        super().__init__(num_groups, num_channels)
+        self.drop = nn.Identity()
+        self.act = act_layer()
+
+    def forward(self, x):
+        return self.act(self.drop(nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)))
+
+
+class FastGroupNorm(nn.GroupNorm):
+    """Stand-in for timm's GroupNorm / LayerNorm: its own forward, computing exactly the base class's."""
+
+    def forward(self, x):
+        return nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class ScaledBatchNorm(nn.BatchNorm2d):
+    """An unrecognizable forward: the norm times 2."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class BatchNormWithGate(nn.BatchNorm2d):
+    """A child convert() does not know (not drop / act)."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        return super().forward(x) * self.gate(x)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """Stand-in for timm's LayerNorm2d (ConvNeXt): LayerNorm over the channels of (N, C, H, W)."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def _randomize(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if is_norm_layer(m):
+                for t in (getattr(m, "weight", None), getattr(m, "bias", None)):
+                    if t is not None:
+                        t.uniform_(0.5, 1.5)
+                if getattr(m, "running_mean", None) is not None:
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _assert_same_model(converted, original, x, steps=2):
+    """Same outputs (train, then eval) and the same running statistics after training steps, in float64."""
+    converted.train(), original.train()
+    for step in range(steps):
+        torch.manual_seed(step)  # the same dropout masks on both sides
+        a = converted(x)
+        torch.manual_seed(step)
+        b = original(x)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    sa, sb = converted.state_dict(), original.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for key in sb:
+        torch.testing.assert_close(sa[key], sb[key], rtol=1e-12, atol=1e-12, msg=key)
+    converted.eval(), original.eval()
+    torch.testing.assert_close(converted(x), original(x), rtol=1e-12, atol=1e-12)
+
+
+ACTS = {  # name -> (activation module factory, the fused activation normzoo should make of it, or None)
+    "relu_inplace": (lambda: nn.ReLU(inplace=True), "relu"),
+    "relu": (nn.ReLU, "relu"),
+    "silu_inplace": (lambda: nn.SiLU(inplace=True), "silu"),
+    "gelu": (nn.GELU, "gelu"),
+    "gelu_tanh": (lambda: nn.GELU(approximate="tanh"), "gelu_tanh"),
+    "hardswish": (nn.Hardswish, None),
+    "prelu": (lambda: nn.PReLU(init=0.3), None),
+    "identity": (None, None),
+}
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+def test_batchnorm_act_subclass_is_converted_faithfully(act):
+    """timm's BatchNormAct2d pattern with MobileNetV3's eps=1e-3, momentum=0.01: the activation is fused where
+    normzoo has it, else kept as a module after the norm; outputs, running statistics and state_dict keys are the
+    original's (float64, train and eval)."""
+    factory, fused = ACTS[act]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8, eps=1e-3, momentum=0.01,
+                                                                         act_layer=factory),
+                          nn.Conv2d(8, 4, 1)).double()
+    _randomize(model)
+    original = copy.deepcopy(model)
+    normzoo.convert(model, "bn", compile=False)
+    new = model[1]
+    norm = new.norm if isinstance(new, NormAct) else new
+    assert type(norm) is normzoo.BatchNorm2d and (norm.eps, norm.momentum) == (1e-3, 0.01)
+    if factory is None or fused is not None:
+        assert type(new) is normzoo.BatchNorm2d and new.activation == fused
+    else:
+        assert isinstance(new, NormAct) and type(new.act) is type(original[1].act)
+    _assert_same_model(model, original, torch.randn(4, 3, 6, 6, dtype=torch.float64))
+    original.load_state_dict(model.state_dict())  # checkpoints load both ways
+    model.load_state_dict(original.state_dict())
+
+
+def test_dropout_between_norm_and_activation_stays():
+    """Dropout (or drop-path) between the norm and the activation: nothing can be fused, both stay as modules in
+    the replaced layer's order, and dropout still drops (the same masks for the same seed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+                          BatchNormAct2d(8, act_layer=nn.SiLU, drop_layer=lambda: nn.Dropout(0.5))).double()
+    _randomize(model)
+    original = copy.deepcopy(model)
+    normzoo.convert(model, "bn", compile=False)
+    new = model[1]
+    assert isinstance(new, NormAct) and list(dict(new.named_children())) == ["norm", "drop", "act"]
+    assert new.norm.activation is None and isinstance(new.drop, nn.Dropout) and isinstance(new.act, nn.SiLU)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    _assert_same_model(model, original, x)
+    model.train()
+    assert (model(x) == 0).any()  # the dropout is there, and on
+    assert list(model.state_dict()) == list(original.state_dict())
+
+
+def test_norm_act_state_dict_keys_are_the_replaced_layers():
+    """NormAct's state_dict reads as the layer it replaced (PReLU's weight under act.), loads strict from the
+    original and from its own nested form, and keeps the norm's version metadata."""
+    layer = BatchNormAct2d(6, act_layer=nn.PReLU)
+    new = normzoo.convert(copy.deepcopy(layer), "bn", compile=False)
+    assert isinstance(new, NormAct)
+    assert list(new.state_dict()) == list(layer.state_dict()) == \
+        ["weight", "bias", "running_mean", "running_var", "num_batches_tracked", "act.weight"]
+    assert new.state_dict()._metadata[""]["version"] == 2
+    assert [n for n, _ in new.named_parameters()] == ["norm.weight", "norm.bias", "act.weight"]
+    with torch.no_grad():
+        layer.running_mean.fill_(0.25)
+        layer.act.weight.fill_(0.5)
+    new.load_state_dict(layer.state_dict())
+    assert torch.equal(new.norm.running_mean, layer.running_mean) and new.act.weight.item() == 0.5
+    nested = {("norm." + k if not k.startswith("act.") else k): v for k, v in layer.state_dict().items()}
+    new.load_state_dict(nested)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        new.load_state_dict({**layer.state_dict(), "extra": torch.zeros(1)})
+    again = copy.deepcopy(new)
+    assert list(again.state_dict()) == list(layer.state_dict())
+
+
+def test_group_norm_act_subclass_and_equal_forward_subclass():
+    """timm's GroupNormAct (SiLU, fused) and a GroupNorm subclass whose own forward computes GroupNorm's (as
+    timm's GroupNorm and LayerNorm do): converted with eps kept and the preset's groups; each slot converted with
+    its own group count computes what it did (float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), GroupNormAct(8, num_groups=4, act_layer=nn.SiLU), nn.Conv2d(8, 8, 1),
+                          FastGroupNorm(2, 8, eps=1e-6)).double()
+    _randomize(model)
+    original = copy.deepcopy(model)
+    normzoo.convert(model, "gn8", compile=False)
+    assert type(model[1]) is normzoo.GroupNorm and model[1].activation == "silu" and model[1].num_groups == 8
+    assert type(model[3]) is normzoo.GroupNorm and model[3].eps == 1e-6 and model[3].activation is None
+    model = copy.deepcopy(original)
+    model[1] = normzoo.convert(model[1], {"type": "group_norm", "num_groups": 4}, compile=False)  # a root layer
+    model[3] = normzoo.convert(model[3], {"type": "group_norm", "num_groups": 2}, compile=False)
+    _assert_same_model(model, original, torch.randn(3, 3, 5, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("subclass, why", [
+    (lambda: ScaledBatchNorm(8), r"ScaledBatchNorm overrides BatchNorm2d.forward with a computation convert\(\) "
+                                 r"does not recognize .*differs"),
+    (lambda: BatchNormWithGate(8), r"BatchNormWithGate overrides BatchNorm2d.forward and has child modules "
+                                   r"\['gate'\]"),
+    (lambda: LayerNorm2d(8), r"LayerNorm2d overrides LayerNorm.forward .*raised RuntimeError"),
+])
+def test_unrecognized_subclass_is_refused_naming_it(subclass, why):
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sequential(subclass()), nn.BatchNorm2d(8))
+    before = [m for _, m in norm_layers(model)]
+    presets = ["ln", "gn1"] if isinstance(before[0], nn.LayerNorm) else ["bn", "gn1"]
+    for preset in presets:
+        with pytest.raises(normzoo.ConversionError, match=r"^1\.0: cannot replace \w+\(8\): " + why):
+            normzoo.convert(model, preset, compile=False)
+    assert [m for _, m in norm_layers(model)] == before, "a refused convert changed the model"
+
+
+def test_layer_with_hooks_is_refused():
+    bn = nn.BatchNorm2d(4)
+    bn.register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(normzoo.ConversionError, match="forward hooks, which the new layer would not run"):
+        normzoo.convert(nn.Sequential(bn), "bn")
+
+
+@pytest.mark.parametrize("preset", ["bn", "frozen_bn", "sync_bn"])
+def test_same_family_keeps_eps_and_momentum(preset):
+    """MobileNetV3's BatchNorm (eps=1e-3, momentum=0.01): outputs and running statistics after training steps are
+    the original's (float64); frozen_bn keeps eps and equals the original's eval output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, eps=1e-3, momentum=0.01), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8, eps=1e-3, momentum=None, affine=False)).double()
+    _randomize(model)
+    original = copy.deepcopy(model)
+    normzoo.convert(model, preset, compile=False)
+    assert model[1].eps == 1e-3 and model[4].eps == 1e-3
+    x = torch.randn(4, 3, 7, 7, dtype=torch.float64)
+    if preset == "frozen_bn":
+        original.eval()
+        torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
+        return
+    assert (model[1].momentum, model[4].momentum, model[4].affine) == (0.01, None, False)
+    _assert_same_model(model, original, x, steps=3)
+
+
+def test_vit_layer_norm_eps_is_kept():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.LayerNorm(16, eps=1e-6), nn.Linear(16, 16),
+                          nn.LayerNorm(16, eps=1e-6, bias=False)).double()
+    _randomize(model)
+    original = copy.deepcopy(model)
+    normzoo.convert(model, "ln", compile=False)
+    assert [(m.eps, m.bias is None) for m in (model[1], model[3])] == [(1e-6, False), (1e-6, True)]
+    x = torch.randn(2, 7, 5, dtype=torch.float64) * 0.01  # small activations: eps matters
+    _assert_same_model(model, original, x)
+
+
+def test_overrides_win_and_cross_family_takes_the_preset():
+    def mobilenet_bn():
+        return nn.Sequential(nn.BatchNorm2d(32, eps=1e-3, momentum=0.01, affine=False))
+
+    model = normzoo.convert(mobilenet_bn(), "bn", eps=1e-5, compile=False)
+    assert (model[0].eps, model[0].momentum, model[0].affine) == (1e-5, 0.01, False)
+    model = normzoo.convert(mobilenet_bn(), "gn32", compile=False)  # cross family: the preset's values
+    assert (model[0].eps, model[0].affine) == (1e-5, True)
+    model = normzoo.convert(mobilenet_bn(), normzoo.BatchNorm2d, compile=False)  # a zoo class: same family rule
+    assert (model[0].eps, model[0].momentum, model[0].affine) == (1e-3, 0.01, False)
+    model = normzoo.convert(nn.Sequential(nn.GroupNorm(4, 8, bias=False)), "in", compile=False)
+    assert model[0].bias is None and list(model[0].state_dict()) == ["weight"] and model[0].num_groups == 8
+
+
+def test_what_a_new_layer_cannot_keep_is_refused():
+    with pytest.raises(normzoo.ConversionError, match=r"^0: .*InstanceNorm2d\(track_running_stats=True\) is not "
+                                                      r"supported"):
+        normzoo.convert(nn.Sequential(nn.InstanceNorm2d(4, track_running_stats=True)), "instance_norm")
+    with pytest.raises(normzoo.ConversionError, match=r"^0: .*no running statistics .*none to freeze"):
+        normzoo.convert(nn.Sequential(nn.BatchNorm2d(4, track_running_stats=False)), "frozen_bn")
+
+
+def test_activations_are_kept_across_families_and_conflicts_refused():
+    zoo = nn.Sequential(normzoo.BatchNorm2d(8, activation="silu", compile=False))
+    normzoo.convert(zoo, "gn1", compile=False)
+    assert type(zoo[0]) is normzoo.GroupNorm and zoo[0].activation == "silu"
+    normzoo.convert(zoo, lambda c: nn.GroupNorm(2, c))  # a callable cannot fuse: the activation follows it
+    assert isinstance(zoo[0], NormAct) and type(zoo[0].norm) is nn.GroupNorm and isinstance(zoo[0].act, nn.SiLU)
+    timm_like = nn.Sequential(BatchNormAct2d(8, act_layer=nn.ReLU))
+    normzoo.convert(timm_like, "bn_relu", compile=False)  # the same activation: once
+    assert timm_like[0].activation == "relu"
+    with pytest.raises(normzoo.ConversionError, match=r"already applies silu after the norm.*activation='relu'"):
+        normzoo.convert(nn.Sequential(BatchNormAct2d(8, act_layer=nn.SiLU)), "bn_relu")
+    with pytest.raises(normzoo.ConversionError, match=r"already applies silu after the norm.*activation='gelu'"):
+        normzoo.convert(nn.Sequential(normzoo.BatchNorm2d(8, activation="silu")), "bn", activation="gelu")
+
+
+def test_callable_spec_keeps_the_activation_module():
+    """A spec that cannot fuse (any callable): the subclass's own activation module stays after the new norm."""
+    layer = BatchNormAct2d(8, act_layer=nn.ReLU, act_kwargs={"inplace": True})
+    new = normzoo.convert(nn.Sequential(layer), lambda c: nn.BatchNorm2d(c))[0]
+    assert isinstance(new, NormAct) and new.act is layer.act and type(new.norm) is nn.BatchNorm2d

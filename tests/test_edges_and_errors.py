@@ -38,6 +38,54 @@ def test_empty_batch_behaves_as_torch(compile):
     assert normzoo.LayerNorm(4, compile=compile)(torch.randn(0, 4)).shape == (0, 4)
 
 
+EMPTY_CASES = {  # name -> (function name, input shape, args after the input, kwargs)
+    "bn 1-D (0,) train": ("batch_norm", (0,), lambda C: (torch.zeros(C), torch.ones(C)), dict(training=True)),
+    "bn 1-D (0,) eval": ("batch_norm", (0,), lambda C: (torch.zeros(C), torch.ones(C)), dict(training=False)),
+    "bn 1-D (0,) no stats": ("batch_norm", (0,), lambda C: (None, None), dict(training=True)),
+    "bn (0, C) train": ("batch_norm", (0, 4), lambda C: (torch.zeros(C), torch.ones(C)), dict(training=True)),
+    "bn (0, C, L) eval": ("batch_norm", (0, 4, 5), lambda C: (torch.zeros(C), torch.ones(C)), {}),
+    "bn (N, C, 0) train": ("batch_norm", (2, 4, 0), lambda C: (torch.zeros(C), torch.ones(C)), dict(training=True)),
+    "bn (N, 0) train": ("batch_norm", (2, 0), lambda C: (None, None), dict(training=True)),
+    "bn (N, 0, L) eval": ("batch_norm", (2, 0, 3), lambda C: (torch.zeros(0), torch.ones(0)), {}),
+    "gn (0, C, H, W)": ("group_norm", (0, 4, 3, 3), lambda C: (2,), {}),
+    "gn (0, C)": ("group_norm", (0, 4), lambda C: (2,), {}),
+    "gn (N, C, 0)": ("group_norm", (2, 4, 0), lambda C: (2,), {}),
+    "gn (N, 0, L)": ("group_norm", (2, 0, 3), lambda C: (1,), {}),
+    "ln (0, D)": ("layer_norm", (0, 4), lambda C: ((4,),), {}),
+    "ln (0, L, D)": ("layer_norm", (0, 3, 4), lambda C: ((4,),), {}),
+    "ln (N, 0)": ("layer_norm", (2, 0), lambda C: ((0,),), {}),
+    "in (N, C, 0)": ("instance_norm", (2, 4, 0), lambda C: (), {}),
+    "in (N, 0, L)": ("instance_norm", (2, 0, 3), lambda C: (), {}),
+}
+
+
+@pytest.mark.parametrize("case, weighted", [
+    (case, weighted) for case, (fn, shape, _, _) in EMPTY_CASES.items() for weighted in (False, True)
+    # layer_norm's affine has normalized_shape; torch refuses an empty weight when C = 0
+    if not (weighted and (fn == "layer_norm" or (len(shape) > 1 and shape[1] == 0)))])
+def test_empty_inputs_of_each_functional_as_torch(case, weighted):
+    """Every empty input torch.nn.functional answers with an empty tensor gets the same shape and dtype from
+    normzoo, with a backward that gives the input an (empty) gradient and weight and bias zeros (the sum of
+    nothing), and running statistics untouched. (torch's own group_norm gives weight a NaN gradient on (N, C, 0),
+    and its batch_norm raises an IndexError for an empty weight when C = 0; the one empty case torch refuses,
+    instance_norm on a (0, C, *) batch, is in test_empty_batch_behaves_as_torch.)"""
+    fn, shape, args, kwargs = EMPTY_CASES[case]
+    C = shape[1] if len(shape) > 1 else 4
+    with torch.no_grad():
+        expected = getattr(nn.functional, fn)(torch.randn(shape), *args(C), **kwargs)
+    x = torch.randn(shape, requires_grad=True)
+    a = args(C)
+    affine = dict(weight=torch.ones(C, requires_grad=True), bias=torch.zeros(C, requires_grad=True)) if weighted else {}
+    y = getattr(NF, fn)(x, *a, **affine, **kwargs, compile=False)
+    assert y.shape == expected.shape == x.shape and y.dtype == expected.dtype
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    for p in affine.values():
+        assert torch.equal(p.grad, torch.zeros_like(p))
+    if fn == "batch_norm" and a[0] is not None:
+        assert torch.equal(a[0], torch.zeros_like(a[0])) and torch.equal(a[1], torch.ones_like(a[1]))
+
+
 def test_missing_weight_or_bias():
     x = torch.randn(3, 8, 5)
     w = torch.rand(8) + 0.5

@@ -1,5 +1,7 @@
 """Each family against torch.nn: forward, backward, running buffers, dtypes, layouts, modes, state_dict."""
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -165,6 +167,86 @@ def test_layernorm_without_bias_and_attributes_match_torch():
     i = normzoo.InstanceNorm2d(8)
     assert (i.affine, i.track_running_stats, i.weight) == (False, False, None)
     assert "4, 8, eps=1e-05, affine=True" in repr(g)
+
+
+# normzoo class name -> its torch.nn counterpart (names normzoo does not have yet are skipped, so a new family
+# is checked as soon as it exists)
+TORCH_COUNTERPARTS = {name: name for name in (
+    "GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "BatchNorm1d", "BatchNorm2d",
+    "BatchNorm3d", "SyncBatchNorm", "RMSNorm")}
+EXTRA_KEYWORDS = {"compile", "activation", "group_size"}  # normzoo's own, keyword-only
+
+
+def _check_signature_extends(zoo_cls, reference: list[inspect.Parameter], relaxed_defaults=()):
+    """zoo_cls's constructor takes `reference`'s parameters: the positional ones in the same order, with the same
+    names, kinds and defaults, then only keyword-only extras from EXTRA_KEYWORDS."""
+    params = [p for p in inspect.signature(zoo_cls.__init__).parameters.values() if p.name != "self"]
+    want = [p for p in reference if p.name != "self"]
+    ours = {p.name: p for p in params}
+    for p in want:
+        assert p.name in ours, f"{zoo_cls.__name__} lacks {p.name!r}"
+        q = ours[p.name]
+        assert q.kind == p.kind, f"{zoo_cls.__name__}.{p.name}: {q.kind} vs torch's {p.kind}"
+        if p.name in relaxed_defaults:
+            continue
+        assert q.default == p.default, f"{zoo_cls.__name__}.{p.name}: default {q.default!r} vs {p.default!r}"
+    positional = [p.name for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    assert positional == [p.name for p in want if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    extras = {p.name for p in params} - {p.name for p in want}
+    assert extras <= EXTRA_KEYWORDS, f"{zoo_cls.__name__} has arguments torch's lacks: {extras - EXTRA_KEYWORDS}"
+    assert all(ours[name].kind is inspect.Parameter.KEYWORD_ONLY for name in extras)
+
+
+@pytest.mark.parametrize("name", [n for n in TORCH_COUNTERPARTS if hasattr(normzoo, n)])
+def test_constructor_signature_matches_torch(name):
+    """Every layer takes the installed torch's constructor arguments (names, kinds, defaults, positional order),
+    e.g. the keyword-only bias= of torch 2.x's GroupNorm, BatchNorm and SyncBatchNorm. GroupNorm's num_groups and
+    num_channels default to None so that group_size= can stand in for num_groups (leaving both out is a TypeError,
+    as in torch)."""
+    torch_cls = getattr(nn, TORCH_COUNTERPARTS[name])
+    relaxed = ("num_groups", "num_channels") if name == "GroupNorm" else ()
+    _check_signature_extends(getattr(normzoo, name), list(inspect.signature(torch_cls.__init__).parameters.values()),
+                             relaxed)
+    if name == "GroupNorm":
+        with pytest.raises(TypeError):
+            nn.GroupNorm()
+        with pytest.raises(TypeError, match="needs num_groups"):
+            normzoo.GroupNorm(num_channels=8)
+
+
+def test_frozen_batchnorm_signature_extends_torchvisions():
+    # torchvision.ops.misc.FrozenBatchNorm2d.__init__(self, num_features: int, eps: float = 1e-5) (not installed
+    # here; detectron2's is the same); normzoo's adds device and dtype after them, as torch.nn's layers have.
+    P = inspect.Parameter
+    torchvision_params = [P("num_features", P.POSITIONAL_OR_KEYWORD),
+                          P("eps", P.POSITIONAL_OR_KEYWORD, default=1e-5)]
+    params = [p for p in inspect.signature(normzoo.FrozenBatchNorm2d.__init__).parameters.values()
+              if p.name != "self"]
+    assert [(p.name, p.kind, p.default) for p in params[:2]] == \
+        [(p.name, p.kind, p.default) for p in torchvision_params]
+    assert [p.name for p in params[2:4]] == ["device", "dtype"]
+    assert {p.name for p in params[4:]} <= EXTRA_KEYWORDS
+
+
+@pytest.mark.parametrize("name, args", [("GroupNorm", (2, 6)), ("BatchNorm1d", (6,)), ("BatchNorm2d", (6,)),
+                                        ("BatchNorm3d", (6,)), ("InstanceNorm2d", (6,)), ("SyncBatchNorm", (6,)),
+                                        ("LayerNorm", (6,))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bias_keyword_as_torch(name, args, bias):
+    """bias=False: no bias parameter, the same state_dict keys and repr as torch's, and the same output."""
+    affine = {"LayerNorm": {}, "InstanceNorm2d": {"affine": True}}.get(name, {})
+    t = getattr(nn, name)(*args, **affine, bias=bias)
+    z = getattr(normzoo, name)(*args, **affine, bias=bias, compile=False)
+    assert (z.bias is None) == (not bias) == (t.bias is None)
+    assert [n for n, _ in z.named_parameters()] == [n for n, _ in t.named_parameters()]
+    assert list(z.state_dict()) == list(t.state_dict())
+    assert repr(z) == repr(t)[:-1] + ", compile=False)"
+    with torch.no_grad():
+        t.weight.uniform_(0.5, 1.5)
+    z.load_state_dict(t.state_dict())
+    shape = {"BatchNorm1d": (4, 6, 3), "BatchNorm3d": (2, 6, 2, 3, 2), "LayerNorm": (4, 3, 6)}.get(name, (3, 6, 4, 5))
+    x = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(z.double()(x), t.double()(x), rtol=1e-12, atol=1e-12)
 
 
 def test_group_size_in_place_of_num_groups():

@@ -50,9 +50,11 @@ def torch_counterpart(zoo: nn.Module, ndim: int | None = None) -> nn.Module:
         t.eval()
         return nn.Sequential(t, TORCH_ACTIVATIONS[zoo.activation]()) if zoo.activation else t
     if isinstance(zoo, SyncBatchNorm):
-        t = _torch_batchnorm(ndim)(zoo.num_features, zoo.eps, zoo.momentum, zoo.affine, zoo.track_running_stats)
+        t = _torch_batchnorm(ndim)(zoo.num_features, zoo.eps, zoo.momentum, zoo.affine, zoo.track_running_stats,
+                                   bias=zoo.bias is not None or not zoo.affine)
     elif isinstance(zoo, zl.GroupNorm):
-        t = nn.GroupNorm(zoo.num_groups, zoo.num_channels, zoo.eps, zoo.affine)
+        t = nn.GroupNorm(zoo.num_groups, zoo.num_channels, zoo.eps, zoo.affine,
+                         bias=zoo.bias is not None or not zoo.affine)
     elif isinstance(zoo, zl.LayerNorm):
         t = nn.LayerNorm(zoo.normalized_shape, zoo.eps, zoo.elementwise_affine,
                          bias=zoo.bias is not None or not zoo.elementwise_affine)
