@@ -6,8 +6,10 @@ Every family is a `NormSpec` over the same math. For an input x of shape (N, C, 
     combine   pool them over the C/G channels of each group (and over the batch for BatchNorm): biased variance
     y         (x - mean) * rsqrt(var + eps) * weight + bias,   then an optional fused activation
 
-GroupNorm pools C/G channels; InstanceNorm is G = C (nothing to pool); BatchNorm is G = C pooled over the batch;
-LayerNorm takes the moments of the trailing `normalized_shape` dims of each row directly.
+GroupNorm pools C/G channels; InstanceNorm is G = C (nothing to pool); BatchNorm is G = C pooled over the batch.
+Layer norms take the moments over their `dims` directly, at each position of the other dims: LayerNorm over the
+trailing `normalized_shape` dims of each row, LayerNorm2d over the channels (dim 1) at each (sample, position).
+A spec with center=False (RMSNorm) takes the mean as 0: the variance becomes the mean square, E[x^2].
 """
 
 from __future__ import annotations
@@ -45,15 +47,30 @@ ACTIVATION_GRADS = {
 
 @dataclass(frozen=True)
 class NormSpec:
-    """What to normalize over; static (hashable), so each spec compiles to its own kernel."""
+    """What to normalize over; static (hashable), so each spec compiles to its own kernel.
+
+    A family is data: channel norms (`groups` set) reduce each sample's groups of channels over the spatial dims (and
+    the batch, for BatchNorm), with the affine per channel; layer norms (`groups` None) reduce `dims` at each position
+    of the other dims, with the affine spanning `dims`: LayerNorm over k trailing dims is dims=(-k, ..., -1),
+    channels-first LayerNorm2d is dims=(1,). `center` says whether the mean is subtracted (RMSNorm: False).
+    """
 
     groups: int | None  # channel norms: C is split into this many groups; None: layer norm
     eps: float
-    trailing: int = 0  # layer norm: how many trailing dims the statistics are taken over
+    dims: tuple[int, ...] = ()  # layer norm: the dims statistics reduce and the affine spans (<0: from the end)
+    center: bool = True  # False: no centring (RMSNorm): the mean is taken as 0, so the variance is E[x^2]
     batch: bool = False  # BatchNorm: the batch dim joins the reduced set
     batch_stats: bool = True  # False: normalize with the given running statistics (BatchNorm eval)
     momentum: float | None = None  # BatchNorm training: EMA factor for the running buffers; None: no update
     activation: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.center and self.batch:  # a running mean of 0 would not be what the train statistics were
+            raise ValueError("NormSpec: center=False (RMS statistics) is not defined with running statistics")
+
+    def layer_dims(self, ndim: int) -> tuple[int, ...]:
+        """A layer norm's `dims` as non-negative dims of an ndim-dim input, in order."""
+        return tuple(sorted(d % ndim for d in self.dims))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,6 +113,18 @@ def moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
     mean_d = d.sum(dims, keepdim=True) / n
     var = ((d * d).sum(dims, keepdim=True) / n - mean_d * mean_d).clamp_min(0)
     return shift, mean_d, var
+
+
+def mean_square(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """Statistics of a norm that does not centre (RMSNorm), as the triple moments() returns: a shift of 0, a mean of
+    0 and, in the variance's place, the mean square E[x^2] over dims (keepdim), summed in stats_dtype(x.dtype).
+
+    A sum of squares has no cancellation to shift away: its relative error is that of the sum alone.
+    """
+    sq = x.to(stats_dtype(x.dtype)).square()
+    ms = sq.sum(dims, keepdim=True) / _count(x, dims) if dims else sq  # sum(()) would reduce everything
+    zero = torch.zeros_like(ms)
+    return zero.to(x.dtype), zero, ms
 
 
 def combine(shift: Tensor, mean_d: Tensor, var: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -155,8 +184,9 @@ def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, m
     Inductor vectorizes them in both memory formats. BatchNorm training also updates the running buffers here.
     """
     cd = compute_dtype(x.dtype)
-    if spec.groups is None:  # layer norm: moments per row over the trailing dims
-        shift, mean_d, var = moments(x, tuple(range(x.dim() - spec.trailing, x.dim())))
+    take = moments if spec.center else mean_square  # (shift, mean - shift, variance) of each reduced set
+    if spec.groups is None:  # layer norm: moments over spec.dims at each position of the other dims
+        shift, mean_d, var = take(x, spec.layer_dims(x.dim()))
     elif not spec.batch_stats:  # BatchNorm eval: the running statistics
         affine = (x.shape[1],) + (1,) * (x.dim() - 2)
         shift, var = running_mean.reshape(affine), running_var.reshape(affine)
@@ -164,7 +194,7 @@ def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, m
     else:
         N, C, G = x.shape[0], x.shape[1], spec.groups
         per_channel = (N, C) + (1,) * (x.dim() - 2)
-        shift, mean_d, var = moments(x, tuple(range(2, x.dim())))
+        shift, mean_d, var = take(x, tuple(range(2, x.dim())))
         members = lambda t: t.reshape(N, G, C // G)  # noqa: E731
         mean, var = combine(members(shift), members(mean_d), members(var), (0, 2) if spec.batch else (2,))
         if spec.momentum is not None and running_mean is not None and running_var is not None:
@@ -192,10 +222,12 @@ def stored(t: Tensor, like: Tensor | None = None) -> Tensor:
 
 
 def _affine_view(spec: NormSpec, x: Tensor, t: Tensor | None, cd: torch.dtype) -> Tensor | None:
-    """weight/bias shaped to broadcast against x: per channel, or per element of the normalized shape."""
+    """weight/bias shaped to broadcast against x: over the dims the affine spans (a layer norm's dims; dim 1, the
+    channels, for channel norms)."""
     if t is None:
         return None
-    return t.to(cd) if spec.groups is None else t.to(cd).reshape((x.shape[1],) + (1,) * (x.dim() - 2))
+    dims = (1,) if spec.groups is not None else spec.layer_dims(x.dim())
+    return t.to(cd).reshape([x.shape[d] if d in dims else 1 for d in range(dims[0], x.dim())])
 
 
 def _sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -243,15 +275,15 @@ class _Normalize(torch.autograd.Function):
             g = g * ACTIVATION_GRADS[spec.activation](pre if b is None else pre + b)
         r, m = rstd.to(sd), mean_d.to(sd)
         dx = dweight = dbias = None
-        if spec.groups is None:  # layer norm: per-row sums of dy' = dy * weight; parameter grads over the rows
-            stat_dims = tuple(range(x.dim() - spec.trailing, x.dim()))
+        if spec.groups is None:  # layer norm: sums of dy' = dy * weight over each set; parameter grads over the rest
+            stat_dims = spec.layer_dims(x.dim())
             gw = g if w is None else g * w
             a = _sum(gw.to(sd), stat_dims)
             c = _sum(gw.to(sd) * xc.to(sd), stat_dims) - m * a  # sum of dy' * (x - mean)
-            k1, k0 = _dx_coefficients(r, m, a, c, _count(x, stat_dims), cd)
+            k1, k0 = _dx_coefficients(r, m, a, c, _count(x, stat_dims), cd, spec.center)
             if ctx.needs_input_grad[1]:
                 dx = gw * rstd + (xc * k1 + k0)
-            rows = tuple(range(x.dim() - spec.trailing))
+            rows = tuple(d for d in range(x.dim()) if d not in stat_dims)
             if weight is not None and ctx.needs_input_grad[2]:
                 dweight = _sum(g * ((xc - mean_d) * rstd), rows).reshape(weight.shape)
             if bias is not None and ctx.needs_input_grad[3]:
@@ -278,7 +310,7 @@ class _Normalize(torch.autograd.Function):
                     a = members(a).sum(pool, keepdim=True).expand(N, G, C // G).reshape(rstd.shape)
                     c = members(c).sum(pool, keepdim=True).expand(N, G, C // G).reshape(rstd.shape)
                     n = x.numel() // C * (C // G) // (1 if spec.batch else N)
-                    k1, k0 = _dx_coefficients(r, m, a, c, n, cd)
+                    k1, k0 = _dx_coefficients(r, m, a, c, n, cd, spec.center)
                     dx = g * scale + (xc * k1 + k0)
         if dx is not None:
             # in x's memory format: dynamo traces this backward with a contiguous dy, and Inductor would otherwise
@@ -289,12 +321,14 @@ class _Normalize(torch.autograd.Function):
         return None, dx, dweight, dbias, None, None, None
 
 
-def _dx_coefficients(r, m, a, c, n, cd):
+def _dx_coefficients(r, m, a, c, n, cd, center=True):
     """dx = r * (dy' - mean(dy') - xhat * mean(dy' * xhat)) = r * dy' + k1 * (x - shift) + k0, per set.
 
     r: rstd, m: mean - shift, a: sum of dy', c: sum of dy' * (x - mean) over each normalized set of n elements.
+    Without centring (RMSNorm: xhat = x * r, r = rsqrt(E[x^2] + eps)) the mean has no share in the gradient:
+    dx = r * (dy' - xhat * mean(dy' * xhat)), the same formula without the mean(dy') term (and m = 0).
     """
-    mean_g = a * (1.0 / n)
+    mean_g = a * (1.0 / n) if center else 0.0
     mean_gx = r * c * (1.0 / n)
     k1 = stored((-r * r * mean_gx).to(cd))
     k0 = stored((r * (r * mean_gx * m - mean_g)).to(cd))
