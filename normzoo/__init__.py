@@ -1,4 +1,5 @@
-"""normzoo: GroupNorm, LayerNorm, InstanceNorm and BatchNorm from one torch.compile'd engine, picked by name."""
+"""normzoo: GroupNorm, LayerNorm, InstanceNorm, BatchNorm, RMSNorm and LayerNorm2d from one torch.compile'd engine,
+picked by name."""
 
 from . import functional
 from .layers import (
@@ -10,6 +11,8 @@ from .layers import (
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
+    LayerNorm2d,
+    RMSNorm,
 )
 from .registry import available, build, load_presets, norm_factory
 from .frozen import FrozenBatchNorm2d
@@ -20,7 +23,7 @@ from .check import CheckError, check  # the function shadows the module name: im
 __version__ = "0.1.0"
 
 __all__ = [
-    "GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "GroupNorm", "LayerNorm", "RMSNorm", "LayerNorm2d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "FrozenBatchNorm2d", "SyncBatchNorm", "convert", "ConversionError",
     "functional", "build", "norm_factory", "available", "load_presets", "check", "CheckError",

@@ -128,6 +128,7 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
         or not compile_enabled()
         or x.numel() == 0  # nothing to compute; not worth a kernel
         or torch.jit.is_scripting()
+        or engine.under_functorch(x, weight, bias)  # torch.func: the engine's plain differentiable ops
     ):
         return engine.forward(spec, *args)
     key = (spec, torch.is_grad_enabled(), torch.is_inference_mode_enabled()) + tuple(_signature(t) for t in args)

@@ -6,20 +6,22 @@
     model = normzoo.convert(model, "frozen_bn")       # BatchNorm -> FrozenBatchNorm2d with its statistics
 
 Slots that are converted: torch.nn's BatchNorm1d/2d/3d (and Lazy*), SyncBatchNorm, InstanceNorm1d/2d/3d, GroupNorm,
-LayerNorm and RMSNorm, normzoo's own layers (FrozenBatchNorm2d and SyncBatchNorm included), and subclasses of these
-(see "Subclasses" below). Other modules (LocalResponseNorm, user classes) are left as they are.
+LayerNorm and RMSNorm, channels-first LayerNorms (below), normzoo's own layers (FrozenBatchNorm2d, SyncBatchNorm,
+RMSNorm and LayerNorm2d included), and subclasses of these (see "Subclasses" below). Other modules
+(LocalResponseNorm, user classes) are left as they are.
 
 Hyperparameters (the rule):
 - Same family (BatchNorm*d / SyncBatchNorm / FrozenBatchNorm2d -> a batch_norm, sync_batch_norm or frozen_batch_norm
-  preset; InstanceNorm -> instance_norm; GroupNorm -> group_norm; LayerNorm -> layer_norm): the old layer's eps,
-  momentum, affine (elementwise_affine), bias, track_running_stats (and a SyncBatchNorm's process_group) are kept,
-  as far as the new layer takes them; the preset's values for these are not used. Keyword overrides to convert()
+  preset; InstanceNorm -> instance_norm; GroupNorm -> group_norm; LayerNorm -> layer_norm; RMSNorm -> rms_norm;
+  a channels-first LayerNorm -> layer_norm or layer_norm2d): the old layer's eps, momentum, affine
+  (elementwise_affine), bias, track_running_stats (and a SyncBatchNorm's process_group) are kept, as far as the new
+  layer takes them; the preset's values for these are not used. Keyword overrides to convert()
   win over both. What the preset is about stays the preset's: num_groups of a group_norm preset, the layer type.
 - Cross family (BatchNorm -> gn32, LayerNorm([C, H, W]) -> gn1, ...): the preset's values (and the overrides).
 - A class or callable spec: a normzoo layer class follows the same rule; any other callable builds what it builds.
 - Where the new layer cannot keep a value, convert() refuses instead of changing the model: an
   InstanceNorm(track_running_stats=True) to normzoo's InstanceNorm (which keeps none), a BatchNorm without running
-  statistics to frozen_bn.
+  statistics to frozen_bn, a channels-first LayerNorm with a weight but no bias (bias=False) to LayerNorm2d.
 
 Activations and dropout after the norm (never dropped):
 - A normzoo layer's fused `activation=` is kept, across families too: it is not a norm hyperparameter.
@@ -37,18 +39,29 @@ own is converted only when convert() recognizes it:
   layer of that family.
 - The recognition is checked, not assumed: on a float64 probe input (random parameters and statistics, train and
   eval, dropout off), the subclass's forward must give the base forward followed by drop and act, and move its
-  running statistics the same. Any other forward (timm's channels-first LayerNorm2d, say) is refused with a
-  ConversionError naming the class and why. So are norm layers carrying forward or backward hooks, which the
-  replacement would silently lose, and uninitialized lazy layers (run a forward first).
+  running statistics the same. Channels-first LayerNorm subclasses (timm's LayerNorm2d) have their own probe
+  (below). Any other forward (a LayerNorm subclass that permutes, scales or activates in a way not listed here) is
+  refused with a ConversionError naming the class and why. So are norm layers carrying forward or backward hooks,
+  which the replacement would silently lose, and uninitialized lazy layers (run a forward first).
 
 Other rules:
 - num_features comes from the old layer: num_features, num_channels, or normalized_shape for a LayerNorm slot.
 - Channel slots (BatchNorm, InstanceNorm, GroupNorm, ...) normalize dim 1 of (N, C, *): a preset of the batch_norm or
   instance_norm family is built with the slot's dimensionality (BatchNorm1d slot -> BatchNorm1d, 3d -> 3d; slots of
-  no fixed dimensionality, GroupNorm and SyncBatchNorm, get the 2d layer). A layer_norm preset cannot fill a channel
-  slot (it normalizes the last dim): ConversionError, naming the path and suggesting gn1.
-- LayerNorm / RMSNorm slots over the last dim D normalize features at the end of (*, D): only layer_norm presets fill
-  them. A LayerNorm([C, H, W]) slot (channels first) can take a channel preset with C channels.
+  no fixed dimensionality, GroupNorm and SyncBatchNorm, get the 2d layer). A layer_norm or rms_norm preset cannot fill
+  a channel slot (it normalizes the last dim): ConversionError, naming the path and suggesting ln2d and gn1. A
+  layer_norm2d preset (LayerNorm over C at each position) fills any channel slot.
+- LayerNorm / RMSNorm slots over the last dim D normalize features at the end of (*, D): only layer_norm and rms_norm
+  presets fill them. An RMSNorm slot filled with an rms_norm preset keeps its eps and elementwise_affine (the same
+  family). A LayerNorm([C, H, W]) slot (channels first) can take a channel preset with C channels.
+- Channels-first LayerNorm slots (LayerNorm over C at each position of (N, C, *), as in ConvNeXt) are normzoo's
+  LayerNorm2d, and torch.nn.LayerNorm subclasses whose class name is in CHANNELS_FIRST_LAYER_NORMS (timm's and
+  torchvision's LayerNorm2d, which permute C last for F.layer_norm). Such a subclass must pass a probe: on a float64
+  copy with a random affine, its forward on a (2, C, 3, 4) input must equal permute + F.layer_norm + permute, else
+  ConversionError naming the class (it computes something else, an activation say, that convert would drop); so
+  is one with child modules other than nn.Identity. layer_norm and layer_norm2d presets (`ln`, `ln2d`) give
+  normzoo.LayerNorm2d, keeping eps and affine (the same family); channel presets take C channels; rms_norm presets
+  are refused (they normalize the last dim).
 - Weight and bias are copied where the shapes match; running_mean / running_var / num_batches_tracked where both
   layers have them. Device, dtype and train/eval mode are kept.
 - A layer that cannot be built (GroupNorm(32) over 48 channels, say) raises ConversionError naming its path.
@@ -63,13 +76,15 @@ import inspect
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import layers, registry
 from .frozen import FrozenBatchNorm2d
 from .sync import SyncBatchNorm
 
-__all__ = ["convert", "ConversionError", "is_norm_layer", "NormAct"]
+__all__ = ["convert", "ConversionError", "is_norm_layer", "NormAct", "is_channels_first_layer_norm",
+           "CHANNELS_FIRST_LAYER_NORMS"]
 
 
 class ConversionError(ValueError):
@@ -78,14 +93,20 @@ class ConversionError(ValueError):
 
 _NN_BN = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, Lazy*, SyncBatchNorm
 _NN_IN = nn.modules.instancenorm._InstanceNorm
-_RMS = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-_CHANNEL_SLOTS = (_NN_BN, _NN_IN, nn.GroupNorm, layers._ChannelNorm, layers.GroupNorm, FrozenBatchNorm2d)
+_RMS = (layers.RMSNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+_CHANNEL_SLOTS = (_NN_BN, _NN_IN, nn.GroupNorm, layers._ChannelNorm, layers.GroupNorm, FrozenBatchNorm2d,
+                  layers.LayerNorm2d)
 _LAST_DIM_SLOTS = (nn.LayerNorm, layers.LayerNorm) + _RMS
-_FAMILIES = {  # family -> the slot classes of that family
+# torch.nn.LayerNorm subclasses that normalize dim 1 of (N, C, *) (they permute C last for F.layer_norm), by class
+# name: timm.layers.LayerNorm2d, torchvision.models.convnext.LayerNorm2d. Add the name of your own such class here.
+CHANNELS_FIRST_LAYER_NORMS = {"LayerNorm2d"}
+_FAMILIES = {  # family -> the slot classes of that family (channels-first LayerNorms: layer_norm2d, see _slot_family)
     "batch_norm": (_NN_BN, layers._BatchNorm, FrozenBatchNorm2d),
     "instance_norm": (_NN_IN, layers._InstanceNorm),
     "group_norm": (nn.GroupNorm, layers.GroupNorm),
+    "layer_norm2d": (layers.LayerNorm2d,),
     "layer_norm": (nn.LayerNorm, layers.LayerNorm),
+    "rms_norm": _RMS,
 }
 # The hyperparameters a same-family conversion keeps (the old layer's attribute = the constructor argument).
 _KEPT = ("eps", "momentum", "affine", "elementwise_affine", "bias", "track_running_stats", "process_group")
@@ -108,6 +129,43 @@ def _known_base(module: nn.Module) -> type:
     raise AssertionError(f"{type(module).__name__} is no torch.nn module")  # is_norm_layer() guarantees one
 
 
+def is_channels_first_layer_norm(module: nn.Module) -> bool:
+    """True for a LayerNorm over C at each position of (N, C, *): normzoo.LayerNorm2d, or a torch.nn.LayerNorm
+    subclass over one dim whose class name is in CHANNELS_FIRST_LAYER_NORMS (convert() also probes those)."""
+    return isinstance(module, layers.LayerNorm2d) or (
+        isinstance(module, nn.LayerNorm) and type(module).__name__ in CHANNELS_FIRST_LAYER_NORMS
+        and len(module.normalized_shape) == 1)
+
+
+def _probe_channels_first(where: str, module: nn.Module) -> None:
+    """Raise ConversionError unless `module` (a torch.nn.LayerNorm subclass named as channels-first) computes
+    permute + F.layer_norm over C + permute: on a float64 copy with a random affine, for a (2, C, 3, 4) input of mean
+    1 and std 2, to 1e-9. Its forward is called directly (no hooks). A module on the meta device is not probed."""
+    if isinstance(module, layers.LayerNorm2d) or any(t.is_meta for t in module.parameters()):
+        return
+    C = module.normalized_shape[0]
+    probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if probe.weight is not None:
+            probe.weight.copy_(torch.rand(C, generator=gen, dtype=torch.float64) + 0.5)
+        if probe.bias is not None:
+            probe.bias.copy_(torch.randn(C, generator=gen, dtype=torch.float64))
+        x = torch.randn(2, C, 3, 4, generator=gen, dtype=torch.float64) * 2 + 1
+        want = F.layer_norm(x.permute(0, 2, 3, 1), (C,), probe.weight, probe.bias, probe.eps).permute(0, 3, 1, 2)
+        try:
+            got = type(module).forward(probe, x)
+            same = (isinstance(got, torch.Tensor) and got.shape == want.shape
+                    and torch.allclose(got, want, rtol=1e-9, atol=1e-9))
+        except Exception:  # noqa: BLE001 - any failure means it is not the channels-first LayerNorm
+            same = False
+    if not same:
+        raise ConversionError(
+            f"{where}: {type(module).__name__} is named as a channels-first LayerNorm, but its forward does not "
+            f"compute F.layer_norm over the channels (dim 1) of (N, C, H, W); convert() refuses rather than change "
+            f"what the model computes")
+
+
 def _slot_dims(module: nn.Module) -> int | None:
     """Spatial dimensionality a channel slot is made for (1, 2, 3), or None when it takes any (N, C, *)."""
     if isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm, nn.GroupNorm, layers.GroupNorm)):
@@ -124,6 +182,8 @@ def _slot_dims(module: nn.Module) -> int | None:
 def _describe(module: nn.Module) -> str:
     if isinstance(module, (nn.GroupNorm, layers.GroupNorm)):
         return f"{type(module).__name__}({module.num_groups}, {module.num_channels})"
+    if isinstance(module, layers.LayerNorm2d):
+        return f"LayerNorm2d({module.num_channels})"
     if isinstance(module, _LAST_DIM_SLOTS):
         shape = tuple(module.normalized_shape)
         return f"{type(module).__name__}({shape[0] if len(shape) == 1 else list(shape)})"
@@ -144,14 +204,20 @@ def _family(kind: str) -> str:
 
 
 def _slot_family(module: nn.Module) -> str | None:
+    if is_channels_first_layer_norm(module):  # before layer_norm: timm's LayerNorm2d is an nn.LayerNorm
+        return "layer_norm2d"
     return next((family for family, classes in _FAMILIES.items() if isinstance(module, classes)), None)
 
 
 def _kept(old: nn.Module, cls: type) -> dict:
     """The old layer's hyperparameters that `cls`'s constructor takes (same-family conversion)."""
     values = {}
+    affine = getattr(old, "affine", getattr(old, "elementwise_affine", None))  # one flag, two names
     for name in _KEPT:
-        if name == "bias":
+        if name in ("affine", "elementwise_affine"):  # nn.LayerNorm's elementwise_affine is LayerNorm2d's affine
+            if affine is not None:
+                values[name] = affine
+        elif name == "bias":
             if getattr(old, "affine", getattr(old, "elementwise_affine", True)):
                 values["bias"] = getattr(old, "bias", None) is not None
         elif hasattr(old, name):
@@ -165,6 +231,9 @@ def _check_keepable(where: str, old: nn.Module, family: str, kind: str) -> None:
     if kind == "frozen_batch_norm" and family == "batch_norm" and getattr(old, "running_mean", True) is None:
         raise ConversionError(f"{where}: it keeps no running statistics (track_running_stats=False), so there are "
                               f"none to freeze; FrozenBatchNorm2d would normalize with mean 0 and variance 1")
+    if kind == "layer_norm2d" and getattr(old, "elementwise_affine", False) and getattr(old, "bias", 0) is None:
+        raise ConversionError(f"{where}: it has a weight but no bias (bias=False), and LayerNorm2d's affine has "
+                              f"both; the new layer would learn a bias the model does not have")
 
 
 def _build_for(path: str, old: nn.Module, spec, overrides: dict) -> nn.Module:
@@ -186,9 +255,20 @@ def _build_for(path: str, old: nn.Module, spec, overrides: dict) -> nn.Module:
     kind = merged["type"]
     family = _family(kind)
     where = f"{path}: cannot replace {_describe(old)} with preset {_spec_name(spec)} ({kind})"
-    if isinstance(old, _LAST_DIM_SLOTS):
+    if is_channels_first_layer_norm(old):  # LayerNorm over C at each position (_tail_of checked its forward)
+        features = _channels(old)
+        if kind in ("layer_norm", "layer_norm2d"):  # the same family: LayerNorm2d, keeping eps and affine (below)
+            family = kind = "layer_norm2d"
+            merged = {k: v for k, v in merged.items() if k != "elementwise_affine"}  # LayerNorm2d calls it affine
+            overrides = {("affine" if k == "elementwise_affine" else k): v for k, v in overrides.items()}
+        elif kind in registry.FEATURES_LAST:
+            raise ConversionError(f"{where}: {kind} normalizes the last dim, but this slot normalizes the channels at "
+                                  f"dim 1 of (N, C, *) at each position; use 'ln2d'")
+        elif family in ("batch_norm", "instance_norm"):
+            kind = f"{family}{_slot_dims(old) or 2}d"
+    elif isinstance(old, _LAST_DIM_SLOTS):
         shape = tuple(old.normalized_shape)
-        if kind == "layer_norm":
+        if kind in registry.FEATURES_LAST:  # layer_norm, rms_norm
             features = shape if len(shape) > 1 else shape[0]
         elif len(shape) > 1:  # LayerNorm([C, H, W]) on (N, C, H, W): channels are at dim 1
             features = shape[0]
@@ -197,13 +277,15 @@ def _build_for(path: str, old: nn.Module, spec, overrides: dict) -> nn.Module:
         else:
             raise ConversionError(
                 f"{where}: {type(old).__name__} normalizes the last dim (features last, (*, {shape[0]})), while "
-                f"{kind} normalizes channels at dim 1 of (N, C, *); use a layer_norm preset such as 'ln'")
+                f"{kind} normalizes channels at dim 1 of (N, C, *); use a preset over the last dim such as "
+                f"{'rms' if isinstance(old, _RMS) else 'ln'!r}")
     else:
         features = _channels(old)
-        if kind == "layer_norm":
+        if kind in registry.FEATURES_LAST:
             raise ConversionError(
-                f"{where}: layer_norm normalizes the last dim, but this slot normalizes channels at dim 1 of "
-                f"(N, C, *); use 'gn1' for LayerNorm-style statistics over (C, *spatial) with a per-channel affine")
+                f"{where}: {kind} normalizes the last dim, but this slot normalizes channels at dim 1 of (N, C, *); "
+                f"use 'ln2d' for a LayerNorm over the channels at each position, or 'gn1' for LayerNorm-style "
+                f"statistics over (C, *spatial) with a per-channel affine")
         if family in ("batch_norm", "instance_norm") and kind not in ("frozen_batch_norm", "sync_batch_norm"):
             dims = _slot_dims(old)
             kind = f"{family}{dims or 2}d"
@@ -218,8 +300,10 @@ def _build_for(path: str, old: nn.Module, spec, overrides: dict) -> nn.Module:
 
 
 def _channels(module: nn.Module) -> int:
-    if isinstance(module, (nn.GroupNorm, layers.GroupNorm)):
+    if isinstance(module, (nn.GroupNorm, layers.GroupNorm, layers.LayerNorm2d)):
         return module.num_channels
+    if isinstance(module, nn.LayerNorm):  # a channels-first LayerNorm subclass: normalized_shape (C,)
+        return module.normalized_shape[0]
     return module.num_features
 
 
@@ -297,10 +381,17 @@ def _tail_of(path: str, old: nn.Module) -> list[tuple[str, nn.Module]]:
     if hooks:
         raise ConversionError(f"{who}: it has {' and '.join(hooks)} hooks, which the new layer would not run; "
                               f"convert before registering them")
+    cls = type(old).__name__
+    if is_channels_first_layer_norm(old) and isinstance(old, nn.LayerNorm):  # timm's / torchvision's LayerNorm2d
+        extra = [name for name, m in old.named_children() if type(m) is not nn.Identity]
+        if extra:
+            raise ConversionError(f"{who}: {cls} is named as a channels-first LayerNorm but has child modules "
+                                  f"{extra}; convert() recognizes only the plain permute + F.layer_norm + permute")
+        _probe_channels_first(who, old)  # its forward must be that, to 1e-9 in float64
+        return []
     base = _known_base(old)
     if type(old).forward is base.forward:
         return []
-    cls = type(old).__name__
     children = dict(old.named_children())
     others = [name for name in children if name not in _TAIL]
     if others:

@@ -8,8 +8,10 @@ Every family is a `NormSpec` over the same math. For an input x of shape (N, C, 
     pool      the sums over the C/G channels of each group (and the batch for BatchNorm): plain sums, one shift
     y         ((x - shift) - mean_d) * rsqrt(var + eps) * weight + bias,   then an optional fused activation
 
-GroupNorm pools C/G channels; InstanceNorm is G = C (nothing to pool); BatchNorm is G = C pooled over the batch;
-LayerNorm takes the moments of the trailing `normalized_shape` dims of each row directly.
+GroupNorm pools C/G channels; InstanceNorm is G = C (nothing to pool); BatchNorm is G = C pooled over the batch.
+Layer norms take the moments over their `dims` directly, at each position of the other dims: LayerNorm over the
+trailing `normalized_shape` dims of each row, LayerNorm2d over the channels (dim 1) at each (sample, position).
+A spec with center=False (RMSNorm) takes the mean as 0: the variance becomes the mean square, E[x^2].
 """
 
 from __future__ import annotations
@@ -47,15 +49,30 @@ ACTIVATION_GRADS = {
 
 @dataclass(frozen=True)
 class NormSpec:
-    """What to normalize over; static (hashable), so each spec compiles to its own kernel."""
+    """What to normalize over; static (hashable), so each spec compiles to its own kernel.
+
+    A family is data: channel norms (`groups` set) reduce each sample's groups of channels over the spatial dims (and
+    the batch, for BatchNorm), with the affine per channel; layer norms (`groups` None) reduce `dims` at each position
+    of the other dims, with the affine spanning `dims`: LayerNorm over k trailing dims is dims=(-k, ..., -1),
+    channels-first LayerNorm2d is dims=(1,). `center` says whether the mean is subtracted (RMSNorm: False).
+    """
 
     groups: int | None  # channel norms: C is split into this many groups; None: layer norm
     eps: float
-    trailing: int = 0  # layer norm: how many trailing dims the statistics are taken over
+    dims: tuple[int, ...] = ()  # layer norm: the dims statistics reduce and the affine spans (<0: from the end)
+    center: bool = True  # False: no centring (RMSNorm): the mean is taken as 0, so the variance is E[x^2]
     batch: bool = False  # BatchNorm: the batch dim joins the reduced set
     batch_stats: bool = True  # False: normalize with the given running statistics (BatchNorm eval)
     momentum: float | None = None  # BatchNorm training: EMA factor for the running buffers; None: no update
     activation: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.center and self.batch:  # a running mean of 0 would not be what the train statistics were
+            raise ValueError("NormSpec: center=False (RMS statistics) is not defined with running statistics")
+
+    def layer_dims(self, ndim: int) -> tuple[int, ...]:
+        """A layer norm's `dims` as non-negative dims of an ndim-dim input, in order."""
+        return tuple(sorted(d % ndim for d in self.dims))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,14 +125,19 @@ def _shifted_sums(rows: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     return sum_dim(d, -1), sum_dim(d * d, -1)
 
 
-def _first_mean(rows: Tensor, cd: torch.dtype) -> Tensor:
-    """Mean of the first SHIFT_ELEMENTS elements of each row (keepdim): the shift of that row's set."""
+def _first_mean(rows: Tensor, cd: torch.dtype, center: bool = True) -> Tensor:
+    """Mean of the first SHIFT_ELEMENTS elements of each row (keepdim): the shift of that row's set. Without
+    centring (RMSNorm) there is nothing to shift: 0."""
     k = min(SHIFT_ELEMENTS, rows.shape[-1])
-    return rows.narrow(-1, 0, k).to(cd).mean(-1, keepdim=True)
+    first = rows.narrow(-1, 0, k).to(cd).mean(-1, keepdim=True)
+    return first if center else torch.zeros_like(first)
 
 
-def _moments_from_sums(s1: Tensor, s2: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """(mean - shift, biased variance) of sets of n elements from their shifted sums (float64)."""
+def _moments_from_sums(s1: Tensor, s2: Tensor, n: int, center: bool = True) -> tuple[Tensor, Tensor]:
+    """(mean - shift, biased variance) of sets of n elements from their shifted sums (float64). Without
+    centring the mean is 0 and the 'variance' is the mean square E[x^2]."""
+    if not center:
+        return torch.zeros_like(s2), s2 / n
     mean_d = s1 / n
     return mean_d, (s2 / n - mean_d * mean_d).clamp_min(0)
 
@@ -168,9 +190,41 @@ def forward(
     running_mean / running_var: read when spec.batch_stats is False; updated in place (EMA with spec.momentum,
     or with the tensor `momentum` when given, for the cumulative average) when spec.momentum is set.
     """
+    if under_functorch(x, weight, bias):  # torch.func transforms: plain differentiable ops, no custom Function
+        return reference_forward(spec, x, weight, bias, running_mean, running_var, momentum)
     with torch.no_grad():  # the statistics' share of the gradient is in _Normalize.backward's formula
         shift, mean_d, rstd = statistics(spec, x, running_mean, running_var, momentum)
     return _Normalize.apply(spec, x, weight, bias, shift, mean_d, rstd)
+
+
+def under_functorch(*tensors) -> bool:
+    """True inside a torch.func transform (vmap, grad, jacrev, jvp, ...), whose wrapped tensors a custom
+    autograd.Function without functorch rules cannot take."""
+    if torch.compiler.is_compiling():  # dynamo handles torch.func itself (and cannot trace these queries)
+        return False
+    return torch._C._functorch.maybe_current_level() is not None or any(
+        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def reference_forward(spec: NormSpec, x: Tensor, weight=None, bias=None, running_mean=None, running_var=None,
+                      momentum=None) -> Tensor:
+    """The engine's same math with the statistics differentiated by autograd instead of a written-out backward:
+    differentiable to any order (double backward) and by torch.func. Slower; used only where those are asked for.
+
+    The shift drops out of every derivative exactly (mean = shift + sum(x - shift) / n), so it needs no detach.
+    """
+    shift, mean_d, rstd = statistics(spec, x, running_mean, running_var, momentum)
+    return _normalize(spec, x, weight, bias, shift, mean_d, rstd)
+
+
+def _layer_rows(spec: NormSpec, t: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """t with a layer norm's dims moved last and flattened: (*other dims, n), a view where the dims are the
+    trailing ones or a single dim; and the shape its statistics broadcast with (1 at the reduced dims)."""
+    dims = spec.layer_dims(t.dim())
+    keep = [d for d in range(t.dim()) if d not in dims]
+    moved = t.permute(keep + list(dims)) if keep != list(range(len(keep))) else t
+    rows = moved.reshape(tuple(t.shape[d] for d in keep) + (_count(t, dims),))
+    return rows, tuple(1 if d in dims else t.shape[d] for d in range(t.dim()))
 
 
 def _channel_rows(x: Tensor) -> Tensor:
@@ -187,18 +241,18 @@ def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, m
     BatchNorm training also updates the running buffers here.
     """
     cd = compute_dtype(x.dtype)
-    if x.numel() == 0:  # an empty batch: no statistics, nothing they would be applied to (buffers stay as they are)
-        lead = x.dim() - spec.trailing if spec.groups is None else 2
-        zero = torch.zeros(x.shape[:lead] + (1,) * (x.dim() - lead), dtype=cd, device=x.device)
-        return zero, zero, zero + 1
-    if spec.groups is None:  # layer norm: one set per row of the trailing dims
-        lead = x.shape[:x.dim() - spec.trailing]
-        rows = x.reshape(lead + (_count(x, tuple(range(len(lead), x.dim()))),))
-        shift = _first_mean(rows, cd)
-        mean_d, var = _moments_from_sums(*_shifted_sums(rows, shift), rows.shape[-1])
-        stat_shape = lead + (1,) * spec.trailing
+    if spec.groups is None:  # layer norm: one set per position of the other dims
+        rows, stat_shape = _layer_rows(spec, x)
+        if x.numel() == 0:  # no statistics, and nothing they would be applied to
+            zero = torch.zeros(stat_shape, dtype=cd, device=x.device)
+            return zero, zero, zero + 1
+        shift = _first_mean(rows, cd, spec.center)
+        mean_d, var = _moments_from_sums(*_shifted_sums(rows, shift), rows.shape[-1], spec.center)
         return shift.reshape(stat_shape), stored(mean_d.to(cd).reshape(stat_shape)), stored(
             torch.rsqrt(var + spec.eps).to(cd).reshape(stat_shape))
+    if x.numel() == 0:  # an empty batch: no statistics, nothing they would be applied to (buffers stay as they are)
+        zero = torch.zeros(x.shape[:2] + (1,) * (x.dim() - 2), dtype=cd, device=x.device)
+        return zero, zero, zero + 1
     N, C, G = x.shape[0], x.shape[1], spec.groups
     per_channel = (N, C) + (1,) * (x.dim() - 2)
     if not spec.batch_stats:  # BatchNorm eval: the running statistics
@@ -220,13 +274,13 @@ def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, m
     members = C // G
     if x.is_contiguous():  # the group's elements are one contiguous row
         group_rows = x.reshape(N, G, members * S)
-        shift = _first_mean(group_rows, cd)  # (N, G, 1)
+        shift = _first_mean(group_rows, cd, spec.center)  # (N, G, 1)
         s1, s2 = _shifted_sums(group_rows, shift)
     else:
-        shift = _first_mean(rows.unflatten(1, (G, members))[:, :, 0], cd)  # (N, G, 1)
+        shift = _first_mean(rows.unflatten(1, (G, members))[:, :, 0], cd, spec.center)  # (N, G, 1)
         per_member = shift.unsqueeze(2).expand(N, G, members, 1).reshape(N, C, 1)
         s1, s2 = (t.reshape(N, G, members).sum(2, keepdim=True) for t in _shifted_sums(rows, stored(per_member)))
-    mean_d, var = _moments_from_sums(s1, s2, members * S)
+    mean_d, var = _moments_from_sums(s1, s2, members * S, spec.center)
     expand = lambda t: t.reshape(N, G, 1).expand(N, G, members).reshape(per_channel)  # noqa: E731
     return stored(expand(shift)), stored(expand(mean_d.to(cd))), stored(expand(torch.rsqrt(var + spec.eps).to(cd)))
 
@@ -260,7 +314,8 @@ def _affine_view(spec: NormSpec, x: Tensor, t: Tensor | None, cd: torch.dtype) -
     """weight/bias shaped to broadcast against x: per channel, or per element of the normalized shape."""
     if t is None:
         return None
-    return t.to(cd) if spec.groups is None else t.to(cd).reshape((x.shape[1],) + (1,) * (x.dim() - 2))
+    dims = (1,) if spec.groups is not None else spec.layer_dims(x.dim())
+    return t.to(cd).reshape([x.shape[d] if d in dims else 1 for d in range(dims[0], x.dim())])
 
 
 class _Normalize(torch.autograd.Function):
@@ -274,26 +329,18 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, x, weight, bias, shift, mean_d, rstd):
-        cd = compute_dtype(x.dtype)
-        w, b = _affine_view(spec, x, weight, cd), _affine_view(spec, x, bias, cd)
-        if spec.groups is None:  # per-row rstd, per-element weight
-            y = ((x.to(cd) - shift.to(cd)) - mean_d) * rstd
-            y = y if w is None else y * w
-            y = y if b is None else y + b
-        else:  # per-(sample, channel) coefficients: y = (x - shift) * a + k, two roundings after the exact x - shift
-            a = rstd if w is None else stored(rstd * w)
-            k = stored(-mean_d * a if b is None else b - mean_d * a)
-            y = (x.to(cd) - shift.to(cd)) * a + k
-        if spec.activation is not None:
-            y = ACTIVATIONS[spec.activation](y)
         ctx.spec = spec
         ctx.save_for_backward(x, weight, bias, shift, mean_d, rstd)
-        return y.to(x.dtype)
+        return _normalize(spec, x, weight, bias, shift, mean_d, rstd)
 
     @staticmethod
     def backward(ctx, dy):
         spec = ctx.spec
         x, weight, bias, shift, mean_d, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled() and spec.batch_stats:
+            # create_graph=True: the gradient must itself be differentiable, statistics included (the formula
+            # below treats them as constants, which is exact for the first derivative only)
+            return _differentiable_backward(ctx, dy)
         cd = compute_dtype(x.dtype)
         w, b = _affine_view(spec, x, weight, cd), _affine_view(spec, x, bias, cd)
         # x - shift, spelled differently from the forward's: if AOTAutograd's CSE merged the two, its partitioner
@@ -306,18 +353,17 @@ class _Normalize(torch.autograd.Function):
             g = g * ACTIVATION_GRADS[spec.activation](pre if b is None else pre + b)
         r, m = rstd, mean_d
         dx = dweight = dbias = None
-        if spec.groups is None:  # layer norm: per-row sums of dy' = dy * weight; parameter grads over the rows
-            lead = x.shape[:x.dim() - spec.trailing]
-            n = _count(x, tuple(range(len(lead), x.dim())))
-            row_sum = lambda t: sum_dim(t.reshape(lead + (n,)), -1).reshape(r.shape)  # noqa: E731
+        if spec.groups is None:  # layer norm: sums of dy' = dy * weight over each set; parameter grads over the rest
+            row_sum = lambda t: sum_dim(_layer_rows(spec, t)[0], -1).reshape(r.shape)  # noqa: E731
             gw = g if w is None else g * w
             a = row_sum(gw)
             c = row_sum(gw * xc) - m * a  # sum of dy' * (x - mean)
-            k1, k0 = _dx_coefficients(r, m, a, c, n, cd)
+            n = _count(x, spec.layer_dims(x.dim()))
+            k1, k0 = _dx_coefficients(r, m, a, c, n, cd, spec.center)
             if ctx.needs_input_grad[1]:
                 dx = gw * rstd + (xc * k1 + k0)
-            rows = _count(x, tuple(range(len(lead))))
-            over_rows = lambda t: sum_dim(t.reshape((rows,) + t.shape[len(lead):]), 0)  # noqa: E731
+            # over the other dims, one value per element of the normalized dims
+            over_rows = lambda t: sum_dim(_layer_rows(spec, t)[0].reshape(-1, n), 0)  # noqa: E731
             if weight is not None and ctx.needs_input_grad[2]:
                 dweight = over_rows(g * xhat).reshape(weight.shape)
             if bias is not None and ctx.needs_input_grad[3]:
@@ -347,7 +393,7 @@ class _Normalize(torch.autograd.Function):
                         return t.expand(t.shape[0], G, C // G).reshape(rstd.shape)
 
                     n = x.numel() // C * (C // G) // (1 if spec.batch else N)
-                    k1, k0 = _dx_coefficients(r, m, pooled(a), pooled(c), n, cd)
+                    k1, k0 = _dx_coefficients(r, m, pooled(a), pooled(c), n, cd, spec.center)
                     dx = g * scale + (xc * k1 + k0)
         if dx is not None:
             # in x's memory format: dynamo traces this backward with a contiguous dy, and Inductor would otherwise
@@ -358,12 +404,47 @@ class _Normalize(torch.autograd.Function):
         return None, dx, dweight, dbias, None, None, None
 
 
-def _dx_coefficients(r, m, a, c, n, cd):
+def _normalize(spec, x, weight, bias, shift, mean_d, rstd) -> Tensor:
+    """act(((x - shift) - mean_d) * rstd * weight + bias), in x's dtype."""
+    cd = compute_dtype(x.dtype)
+    w, b = _affine_view(spec, x, weight, cd), _affine_view(spec, x, bias, cd)
+    if spec.groups is None:  # per-row rstd, per-element weight
+        y = ((x.to(cd) - shift.to(cd)) - mean_d) * rstd
+        y = y if w is None else y * w
+        y = y if b is None else y + b
+    else:  # per-(sample, channel) coefficients: y = (x - shift) * a + k, two roundings after the exact x - shift
+        a = rstd if w is None else stored(rstd * w)
+        k = stored(-mean_d * a if b is None else b - mean_d * a)
+        y = (x.to(cd) - shift.to(cd)) * a + k
+    if spec.activation is not None:
+        y = ACTIVATIONS[spec.activation](y)
+    return y.to(x.dtype)
+
+
+def _differentiable_backward(ctx, dy):
+    """The gradients of reference_forward, recomputed with create_graph: what double backward needs."""
+    import dataclasses
+
+    x, weight, bias = ctx.saved_tensors[:3]
+    wanted = [i for i, t in ((1, x), (2, weight), (3, bias)) if t is not None and ctx.needs_input_grad[i]]
+    inputs = [(None, x, weight, bias)[i] for i in wanted]
+    with torch.enable_grad():
+        y = reference_forward(dataclasses.replace(ctx.spec, momentum=None), x, weight, bias)  # no buffer update
+        grads = torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True)
+    out = [None] * 7
+    for i, gi, t in zip(wanted, grads, inputs):
+        out[i] = torch.zeros_like(t) if gi is None else gi
+    return tuple(out)
+
+
+def _dx_coefficients(r, m, a, c, n, cd, center=True):
     """dx = r * (dy' - mean(dy') - xhat * mean(dy' * xhat)) = r * dy' + k1 * (x - shift) + k0, per set.
 
     r: rstd, m: mean - shift, a: sum of dy', c: sum of dy' * (x - mean) over each normalized set of n elements.
+    Without centring (RMSNorm: xhat = x * r, r = rsqrt(E[x^2] + eps)) the mean has no share in the gradient:
+    dx = r * (dy' - xhat * mean(dy' * xhat)), the same formula without the mean(dy') term (and m = 0).
     """
-    mean_g = a * (1.0 / n)
+    mean_g = a * (1.0 / n) if center else 0.0
     mean_gx = r * c * (1.0 / n)
     k1 = stored((-r * r * mean_gx).to(cd))
     k0 = stored((r * (r * mean_gx * m - mean_g)).to(cd))

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from . import compiling
-from .engine import ACTIVATIONS, NormSpec
+from .engine import ACTIVATIONS, NormSpec, compute_dtype
 
-__all__ = ["group_norm", "layer_norm", "instance_norm", "batch_norm"]
+__all__ = ["group_norm", "layer_norm", "instance_norm", "batch_norm", "rms_norm", "layer_norm2d"]
 
 
 def _check_activation(activation: str | None) -> None:
@@ -75,16 +75,60 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Ten
     """Layer Normalization over the trailing dims `normalized_shape`; see normzoo.LayerNorm."""
     _check_floating(input)
     _check_activation(activation)
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    k = len(shape)
-    if k == 0 or tuple(input.shape[input.dim() - k:]) != shape or input.dim() < k:
-        raise ValueError(
-            f"layer_norm: input of shape {tuple(input.shape)} does not end with normalized_shape {shape}")
+    shape = _trailing_shape("layer_norm", input, normalized_shape)
     _check_affine("weight", weight, shape, "normalized_shape")
     _check_affine("bias", bias, shape, "normalized_shape")
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
-    spec = NormSpec(groups=None, eps=float(eps), trailing=k, activation=activation)
+    spec = NormSpec(groups=None, eps=float(eps), dims=tuple(range(-len(shape), 0)), activation=activation)
+    return compiling.run(spec, input, weight, bias, compile=compile)
+
+
+def _trailing_shape(name: str, input: Tensor, normalized_shape: Sequence[int] | int) -> tuple[int, ...]:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or tuple(input.shape[input.dim() - k:]) != shape or input.dim() < k:
+        raise ValueError(f"{name}: input of shape {tuple(input.shape)} does not end with normalized_shape {shape}")
+    return shape
+
+
+def rms_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Tensor | None = None,
+             eps: float | None = None, *, activation: str | None = None, compile: bool = True) -> Tensor:
+    """Root Mean Square Layer Normalization over the trailing dims `normalized_shape`; see normzoo.RMSNorm.
+
+    y = x / sqrt(mean(x^2) + eps) * weight: no mean is subtracted and there is no bias. eps=None means
+    torch.finfo(t).eps of the dtype t the arithmetic runs in: the input's for float32/float64, float32's for
+    float16/bfloat16 (what torch.nn.functional.rms_norm does).
+    """
+    _check_floating(input)
+    _check_activation(activation)
+    shape = _trailing_shape("rms_norm", input, normalized_shape)
+    _check_affine("weight", weight, shape, "normalized_shape")
+    if input.numel() == 0:
+        return _empty_output(input, weight, None)
+    eps = torch.finfo(compute_dtype(input.dtype)).eps if eps is None else eps
+    spec = NormSpec(groups=None, eps=float(eps), dims=tuple(range(-len(shape), 0)), center=False,
+                    activation=activation)
+    return compiling.run(spec, input, weight, None, compile=compile)
+
+
+def layer_norm2d(input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6, *,
+                 activation: str | None = None, compile: bool = True) -> Tensor:
+    """Channels-first Layer Normalization: over the C channels (dim 1) at each position of (N, C, *).
+
+    Computes what ``F.layer_norm(x.permute(0, 2, 3, 1), (C,), weight, bias, eps).permute(0, 3, 1, 2)`` computes,
+    without the permutes' copies, in either memory format; see normzoo.LayerNorm2d.
+    """
+    _check_floating(input)
+    _check_activation(activation)
+    if input.dim() < 2:
+        raise ValueError(f"layer_norm2d expects an input of shape (N, C, *), got {tuple(input.shape)}")
+    C = input.shape[1]
+    _check_affine("weight", weight, (C,), "one per channel")
+    _check_affine("bias", bias, (C,), "one per channel")
+    if input.numel() == 0:
+        return _empty_output(input, weight, bias)
+    spec = NormSpec(groups=None, eps=float(eps), dims=(1,), activation=activation)
     return compiling.run(spec, input, weight, bias, compile=compile)
 
 

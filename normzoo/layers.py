@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from . import functional as NF
 
 __all__ = [
-    "GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "GroupNorm", "LayerNorm", "RMSNorm", "LayerNorm2d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
 ]
 
@@ -188,6 +188,129 @@ class LayerNorm(_Extras, nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
                 f"bias={self.bias is not None}" + self._extras_repr())
+
+
+class RMSNorm(_Extras, nn.Module):
+    r"""Root Mean Square Layer Normalization (Zhang and Sennrich, 2019), a drop-in for :class:`torch.nn.RMSNorm`.
+
+    .. math::
+        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} * \gamma
+
+    The mean square is taken over the trailing ``len(normalized_shape)`` dims of each row. Nothing is subtracted
+    (LayerNorm without centring) and there is no bias; :math:`\gamma` has shape ``normalized_shape``. A sum of
+    squares has no cancellation, so inputs with a large mean lose nothing. No running statistics.
+
+    Args:
+        normalized_shape: int or tuple, the trailing dims to normalize over.
+        eps: added to the mean square. Default: None, which means ``torch.finfo(t).eps`` of the dtype ``t`` the
+            arithmetic runs in: the input's for float32/float64, float32's for float16/bfloat16. That is what
+            torch.nn.RMSNorm computes (its docstring says the input's dtype; its kernels use float32's).
+        elementwise_affine: learnable weight (ones). Default: True
+        compile, activation: as for :class:`normzoo.GroupNorm`.
+
+    Shape:
+        - Input: :math:`(*, \text{normalized\_shape})`
+        - Output: same as the input
+
+    Example::
+
+        >>> m = normzoo.RMSNorm(4096)
+        >>> y = m(torch.randn(4, 512, 4096))
+    """
+
+    normalized_shape: tuple[int, ...]
+    eps: float | None
+    elementwise_affine: bool
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, device=None,
+                 dtype=None, *, compile: bool = True, activation: str | None = None) -> None:
+        super().__init__()
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.eps, self.elementwise_affine = eps, elementwise_affine
+        self._init_extras(compile, activation)
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            nn.init.ones_(self.weight)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return NF.rms_norm(input, self.normalized_shape, self.weight, self.eps, activation=self.activation,
+                           compile=self.compile)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+                + self._extras_repr())
+
+
+class LayerNorm2d(_Extras, nn.Module):
+    r"""Channels-first Layer Normalization: over the C channels at each position of an (N, C, *) input.
+
+    .. math::
+        y_{n,:,p} = \frac{x_{n,:,p} - \mathrm{E}_c[x_{n,c,p}]}{\sqrt{\mathrm{Var}_c[x_{n,c,p}] + \epsilon}}
+        * \gamma + \beta
+
+    for every sample :math:`n` and spatial position :math:`p`, with the *biased* variance over the channels and
+    :math:`\gamma, \beta` per channel: the LayerNorm of ConvNeXt, SAM and ViTDet. It computes what
+    ``F.layer_norm(x.permute(0, 2, 3, 1), (C,), weight, bias, eps).permute(0, 3, 1, 2)`` computes, but reduces dim 1
+    in place, so neither memory format is copied, and the output keeps the input's memory format. Attribute and
+    state_dict names (``weight``, ``bias``) are timm's ``LayerNorm2d``'s, so its checkpoints load both ways.
+    Statistics per (sample, position): not :class:`normzoo.GroupNorm` ``(1, C)``, which takes them over (C, H, W).
+
+    Args:
+        num_channels: C, the channels at dim 1.
+        eps: added to the variance. Default: 1e-6 (timm's and ConvNeXt's; torch.nn.LayerNorm's is 1e-5)
+        affine: learnable per-channel weight (ones) and bias (zeros). Default: True
+        compile, activation: as for :class:`normzoo.GroupNorm`.
+
+    Shape:
+        - Input: :math:`(N, C, *)`
+        - Output: :math:`(N, C, *)` (same shape and memory format as the input)
+
+    Example::
+
+        >>> m = normzoo.LayerNorm2d(96)
+        >>> y = m(torch.randn(8, 96, 56, 56).to(memory_format=torch.channels_last))
+    """
+
+    num_channels: int
+    eps: float
+    affine: bool
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, device=None, dtype=None, *,
+                 compile: bool = True, activation: str | None = None) -> None:
+        super().__init__()
+        self.num_channels, self.eps, self.affine = num_channels, eps, affine
+        self._init_extras(compile, activation)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() < 2 or input.shape[1] != self.num_channels:
+            raise ValueError(f"LayerNorm2d({self.num_channels}) expects input of shape (N, {self.num_channels}, *), "
+                             f"got {tuple(input.shape)}")
+        return NF.layer_norm2d(input, self.weight, self.bias, self.eps, activation=self.activation,
+                               compile=self.compile)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}" + self._extras_repr()
 
 
 class _ChannelNorm(_Extras, nn.Module):

@@ -25,6 +25,8 @@ from .sync import SyncBatchNorm
 LAYER_TYPES: dict[str, tuple[type[nn.Module], str]] = {
     "group_norm": (layers.GroupNorm, "num_channels"),
     "layer_norm": (layers.LayerNorm, "normalized_shape"),
+    "rms_norm": (layers.RMSNorm, "normalized_shape"),
+    "layer_norm2d": (layers.LayerNorm2d, "num_channels"),
     "instance_norm": (layers.InstanceNorm2d, "num_features"),
     "instance_norm1d": (layers.InstanceNorm1d, "num_features"),
     "instance_norm2d": (layers.InstanceNorm2d, "num_features"),
@@ -37,6 +39,12 @@ LAYER_TYPES: dict[str, tuple[type[nn.Module], str]] = {
     "sync_batch_norm": (SyncBatchNorm, "num_features"),
 }
 _META_KEYS = ("type", "description")
+FEATURES_LAST = ("layer_norm", "rms_norm")  # layer types normalizing the last dim D of (*, D); the rest: C at dim 1
+
+
+def features_axis(layer_type: str) -> int:
+    """The input dim num_features is read from for a layer type: -1 (features last) or 1 (channels first)."""
+    return -1 if layer_type in FEATURES_LAST else 1
 
 
 class PresetError(ValueError):
@@ -125,7 +133,7 @@ def resolve_spec(spec: str | Mapping) -> dict[str, Any]:
 
 
 def build(spec, num_features: int, **overrides) -> nn.Module:
-    """Build the layer `spec` names for `num_features` channels (the last dim D for layer norms).
+    """Build the layer `spec` names for `num_features` channels (the last dim D for layer_norm and rms_norm).
 
     `overrides` replace the preset's arguments; num_groups and group_size replace each other.
     """

@@ -20,7 +20,9 @@ CHANNEL_FAMILIES = {  # preset type -> the class it must become on a 2d channel 
     "instance_norm2d": normzoo.InstanceNorm2d, "instance_norm3d": normzoo.InstanceNorm2d,
     "frozen_batch_norm": normzoo.FrozenBatchNorm2d,
     "sync_batch_norm": normzoo.SyncBatchNorm,
+    "layer_norm2d": normzoo.LayerNorm2d,
 }
+LAST_DIM_FAMILIES = {"layer_norm": normzoo.LayerNorm, "rms_norm": normzoo.RMSNorm}
 
 
 class Block(nn.Module):
@@ -54,13 +56,13 @@ def norm_layers(model):
 @pytest.mark.parametrize("preset", normzoo.available())
 def test_every_preset_over_a_cnn(preset):
     """Every preset replaces every norm of the CNN by its own class (its slot's dimensionality), and the model
-    runs forward and backward; layer_norm presets refuse channel slots, naming the path."""
+    runs forward and backward; presets over the last dim refuse channel slots, naming the path."""
     model = small_cnn()
     before = norm_layers(model)
     assert len(before) == 9
     kind = registry.resolve_spec(preset)["type"]
-    if kind == "layer_norm":
-        with pytest.raises(normzoo.ConversionError, match=r"^1: cannot replace BatchNorm2d\(32\) .*'gn1'"):
+    if kind in LAST_DIM_FAMILIES:
+        with pytest.raises(normzoo.ConversionError, match=r"^1: cannot replace BatchNorm2d\(32\) .*'ln2d'.*'gn1'"):
             normzoo.convert(model, preset, compile=False)
         assert [m for _, m in norm_layers(model)] == [m for _, m in before], "a failed convert changed the model"
         return
@@ -158,19 +160,19 @@ class TinyTransformer(nn.Module):
 
 @pytest.mark.parametrize("preset", normzoo.available())
 def test_every_preset_over_a_layer_norm_model(preset):
-    """LayerNorm slots (features last) take layer_norm presets, with the affine carried over; channel presets
-    raise naming the path instead of normalizing the wrong dim."""
+    """LayerNorm slots (features last) take layer_norm and rms_norm presets, with the weight carried over; channel
+    presets (ln2d too) raise naming the path instead of normalizing the wrong dim."""
     model = TinyTransformer()
     with torch.no_grad():
         model.ln1.weight.uniform_(0.5, 1.5)
     weight = model.ln1.weight.detach().clone()
     kind = registry.resolve_spec(preset)["type"]
-    if kind != "layer_norm":
+    if kind not in LAST_DIM_FAMILIES:
         with pytest.raises(normzoo.ConversionError, match=r"^ln1: cannot replace LayerNorm\(32\) .*last dim"):
             normzoo.convert(model, preset, compile=False)
         return
     normzoo.convert(model, preset, compile=False)
-    assert isinstance(model.ln1, normzoo.LayerNorm) and model.ln1.normalized_shape == (32,)
+    assert type(model.ln1) is LAST_DIM_FAMILIES[kind] and model.ln1.normalized_shape == (32,)
     torch.testing.assert_close(model.ln1.weight.detach(), weight, rtol=0, atol=0)
     model(torch.randn(2, 5, 8)).sum().backward()
 
@@ -338,8 +340,9 @@ class BatchNormWithGate(nn.BatchNorm2d):
         return super().forward(x) * self.gate(x)
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """Stand-in for timm's LayerNorm2d (ConvNeXt): LayerNorm over the channels of (N, C, H, W)."""
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """timm's LayerNorm2d forward under a name not in CHANNELS_FIRST_LAYER_NORMS: convert() does not guess what a
+    LayerNorm subclass computes from its forward, so it probes it as a LayerNorm over the last dim, which fails."""
 
     def forward(self, x):
         x = x.permute(0, 2, 3, 1)
@@ -480,7 +483,7 @@ def test_group_norm_act_subclass_and_equal_forward_subclass():
                                  r"does not recognize .*differs"),
     (lambda: BatchNormWithGate(8), r"BatchNormWithGate overrides BatchNorm2d.forward and has child modules "
                                    r"\['gate'\]"),
-    (lambda: LayerNorm2d(8), r"LayerNorm2d overrides LayerNorm.forward .*raised RuntimeError"),
+    (lambda: ChannelsFirstLayerNorm(8), r"ChannelsFirstLayerNorm overrides LayerNorm.forward .*raised RuntimeError"),
 ])
 def test_unrecognized_subclass_is_refused_naming_it(subclass, why):
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sequential(subclass()), nn.BatchNorm2d(8))
@@ -573,3 +576,144 @@ def test_callable_spec_keeps_the_activation_module():
     layer = BatchNormAct2d(8, act_layer=nn.ReLU, act_kwargs={"inplace": True})
     new = normzoo.convert(nn.Sequential(layer), lambda c: nn.BatchNorm2d(c))[0]
     assert isinstance(new, NormAct) and new.act is layer.act and type(new.norm) is nn.BatchNorm2d
+
+
+# ------------------------------------------------------------------------------- RMSNorm and LayerNorm2d slots
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """A stand-in for timm's LayerNorm2d (ConvNeXt): a torch.nn.LayerNorm subclass that permutes to normalize C."""
+
+    def __init__(self, num_channels, eps=1e-6, affine=True):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine)
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, c=8, eps=1e-6):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = LayerNorm2d(c, eps=eps)
+        self.pw = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x + self.pw(self.norm(self.dw(x)))
+
+
+def _randomize_affine(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "weight", None) is not None and is_norm_layer(m):
+                m.weight.uniform_(0.5, 1.5)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.uniform_(-1, 1)
+
+
+@pytest.mark.parametrize("preset", ["ln", "ln2d", "layer_norm2d"])
+def test_channels_first_layer_norm_slot_becomes_layer_norm2d(preset):
+    """A LayerNorm2d slot (timm-style subclass) filled with ln or ln2d: normzoo.LayerNorm2d with the slot's eps,
+    affine and weights, computing what the model computed (float64 model, eager engine)."""
+    model = nn.Sequential(ConvNeXtBlock(8, eps=1e-5), ConvNeXtBlock(8)).double()
+    _randomize_affine(model)
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64)
+    want = model(x)
+    normzoo.convert(model, preset, compile=False)
+    for block, eps in zip(model, (1e-5, 1e-6)):
+        assert type(block.norm) is normzoo.LayerNorm2d and block.norm.eps == eps and block.norm.num_channels == 8
+        assert block.norm.weight.dtype == torch.float64
+    torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), want, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_first_layer_norm_slot_other_presets():
+    """Channel presets take C channels; rms (last dim) is refused, naming the path; affine=False is kept."""
+    model = ConvNeXtBlock(8)
+    normzoo.convert(model, "gn1", compile=False)
+    assert type(model.norm) is normzoo.GroupNorm and model.norm.num_channels == 8
+    model = ConvNeXtBlock(8)
+    normzoo.convert(model, "bn", compile=False)
+    assert type(model.norm) is normzoo.BatchNorm2d
+    model = ConvNeXtBlock(8)
+    with pytest.raises(normzoo.ConversionError, match=r"^norm: cannot replace LayerNorm2d\(8\) with preset 'rms'.*"
+                                                      r"normalizes the last dim.*'ln2d'"):
+        normzoo.convert(model, "rms", compile=False)
+    assert type(model.norm) is LayerNorm2d
+    bare = normzoo.convert(LayerNorm2d(8, affine=False), "ln", compile=False)
+    assert type(bare) is normzoo.LayerNorm2d and not bare.affine and bare.weight is None
+    assert normzoo.convert(LayerNorm2d(8), "ln", eps=1e-3, compile=False).eps == 1e-3  # the call overrides
+    # normzoo's own LayerNorm2d is a channels-first slot too; ln2d fills channel slots
+    assert type(normzoo.convert(normzoo.LayerNorm2d(8), "ln", compile=False)) is normzoo.LayerNorm2d
+    new = normzoo.convert(nn.BatchNorm2d(8), "ln2d", compile=False)
+    assert type(new) is normzoo.LayerNorm2d and new.eps == 1e-6  # another family: the preset's eps
+
+
+def test_misnamed_channels_first_layer_norm_is_refused():
+    """The name alone does not decide: a 'LayerNorm2d' whose forward also applies an activation fails the probe and
+    is refused (convert would drop the activation); the model is left as it was."""
+
+    class LayerNorm2d(nn.LayerNorm):  # same name, different function
+        def forward(self, x):
+            y = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                                               self.eps)
+            return torch.relu(y.permute(0, 3, 1, 2))
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), LayerNorm2d(8))
+    with pytest.raises(normzoo.ConversionError, match=r"^1: cannot replace LayerNorm2d\(8\): LayerNorm2d is "
+                                                      r"named as a channels-first LayerNorm.*does not compute"):
+        normzoo.convert(model, "ln", compile=False)
+    assert type(model[1]) is LayerNorm2d
+    with pytest.raises(normzoo.ConversionError, match="named as a channels-first LayerNorm"):
+        normzoo.convert(model, normzoo.GroupNorm, num_groups=1)
+
+
+def test_rms_norm_slots_keep_eps_affine_and_weight():
+    """torch.nn.RMSNorm (and normzoo.RMSNorm) slots take rms, keeping eps (None too), elementwise_affine and the
+    weight: the converted model computes the same."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.RMSNorm(16, eps=1e-4), nn.Linear(16, 16), nn.RMSNorm(16),
+                          nn.Linear(16, 16), nn.RMSNorm(16, elementwise_affine=False),
+                          normzoo.RMSNorm(16, eps=1e-6, compile=False)).double()
+    _randomize_affine(model)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    want = model(x)
+    normzoo.convert(model, "rms", compile=False)
+    norms = [model[i] for i in (1, 3, 5, 6)]
+    assert all(type(m) is normzoo.RMSNorm for m in norms)
+    assert [m.eps for m in norms] == [1e-4, None, None, 1e-6]
+    assert [m.elementwise_affine for m in norms] == [True, True, False, True]
+    torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+    # ln on an RMSNorm slot is the user's change of family; a channel preset is refused, suggesting rms
+    assert type(normzoo.convert(nn.RMSNorm(16), "ln", compile=False)) is normzoo.LayerNorm
+    with pytest.raises(normzoo.ConversionError, match=r"cannot replace RMSNorm\(16\).*last dim.*'rms'"):
+        normzoo.convert(nn.RMSNorm(16), "ln2d", compile=False)
+
+
+def test_channels_first_layer_norm_with_children_hooks_or_no_bias_is_refused():
+    """A 'LayerNorm2d' with a child module (even one its forward ignores in eval mode), with hooks, or with a weight
+    but no bias (LayerNorm2d would add one) is refused naming the problem; the model is left as it was."""
+    with_drop = LayerNorm2d(8)
+    with_drop.drop = nn.Dropout(0.5)
+    model = nn.Sequential(with_drop.eval())
+    with pytest.raises(normzoo.ConversionError, match=r"^0: cannot replace LayerNorm2d\(8\): LayerNorm2d is named as "
+                                                      r"a channels-first LayerNorm but has child modules \['drop'\]"):
+        normzoo.convert(model, "ln2d", compile=False)
+    assert model[0] is with_drop
+    hooked = LayerNorm2d(8)
+    hooked.register_forward_pre_hook(lambda m, i: None)
+    with pytest.raises(normzoo.ConversionError, match="forward pre hooks"):
+        normzoo.convert(nn.Sequential(hooked), "ln2d", compile=False)
+    no_bias = LayerNorm2d(8)
+    no_bias.register_parameter("bias", None)  # nn.LayerNorm(bias=False)
+    for spec in ("ln", "ln2d", normzoo.LayerNorm2d):
+        with pytest.raises(normzoo.ConversionError, match=r"no bias \(bias=False\)"):
+            normzoo.convert(nn.Sequential(no_bias), spec, compile=False)
+    assert type(normzoo.convert(no_bias, "gn1", compile=False)) is normzoo.GroupNorm  # another family: its affine
+
+
+def test_channels_first_layer_norm_class_spec_keeps_eps_and_affine():
+    """normzoo.LayerNorm2d given as a class: the same-family rule, like the ln2d preset."""
+    new = normzoo.convert(LayerNorm2d(8, eps=1e-5, affine=False), normzoo.LayerNorm2d, compile=False)
+    assert type(new) is normzoo.LayerNorm2d and (new.eps, new.affine) == (1e-5, False)

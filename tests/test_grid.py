@@ -39,6 +39,10 @@ def test_layer_norm_features_dict_spec_label_and_tolerances():
     assert [c.layer for c in sw.cases] == ["my_gn", "ln"]
     assert [c.num_features for c in sw.cases] == [4, 6]
     assert all(c.tolerance == 1e-4 for c in sw.cases)
+    sw = parse([{"layers": ["rms", "ln2d"], "shapes": [[3, 4, 6]], "layouts": ["contiguous", "channels_last"]}])
+    assert [(c.layer, c.family, c.num_features) for c in sw.cases] == [("rms", "rms_norm", 6),
+                                                                      ("ln2d", "layer_norm2d", 4)]
+    assert any("channels_last skipped for 3-D" in n for n in sw.notes)
 
 
 def test_speed_keys_passes_threads():
@@ -54,7 +58,11 @@ def test_speed_keys_passes_threads():
 def test_embedded_defaults_load(kind):
     sw = grid.load(None, kind)
     assert sw.cases and sw.source.endswith(f"{kind}.yaml")
-    assert {c.family for c in sw.cases} == {"group_norm", "layer_norm", "instance_norm", "batch_norm"}
+    assert {c.family for c in sw.cases} == {"group_norm", "layer_norm", "instance_norm", "batch_norm", "rms_norm",
+                                            "layer_norm2d"}
+    # RMSNorm normalizes the last dim, LayerNorm2d the channels at dim 1
+    assert all(c.num_features == c.shape[-1 if c.family == "rms_norm" else 1] for c in sw.cases
+               if c.family in ("rms_norm", "layer_norm2d"))
 
 
 BAD = [

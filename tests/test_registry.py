@@ -10,11 +10,11 @@ from normzoo import registry
 from normzoo.registry import PresetError, PresetFileError
 
 REQUIRED = ["group_norm", "layer_norm", "instance_norm", "batch_norm", "gn32", "gn16", "gn8", "gn1", "in", "ln",
-            "bn", "gn32_silu", "gn32_relu", "gn32_gelu"]
+            "bn", "gn32_silu", "gn32_relu", "gn32_gelu", "rms", "rms_norm", "ln2d", "layer_norm2d"]
 
 
 def _input_for(layer, c):
-    if isinstance(layer, normzoo.LayerNorm):
+    if isinstance(layer, (normzoo.LayerNorm, normzoo.RMSNorm)):
         return torch.randn(2, 5, c)
     if type(layer).__name__.endswith("1d"):
         return torch.randn(4, c, 6)
@@ -47,6 +47,14 @@ def test_gn1_and_in_are_group_norms_with_per_channel_affine():
     assert gn1.weight.shape == inst.weight.shape == (64,)
     ln = normzoo.build("ln", 768)
     assert isinstance(ln, normzoo.LayerNorm) and ln.normalized_shape == (768,)
+    for name in ("rms", "rms_norm"):
+        rms = normzoo.build(name, 4096)
+        assert isinstance(rms, normzoo.RMSNorm) and rms.normalized_shape == (4096,) and rms.eps is None
+    for name in ("ln2d", "layer_norm2d"):
+        ln2d = normzoo.build(name, 96)
+        assert isinstance(ln2d, normzoo.LayerNorm2d) and (ln2d.num_channels, ln2d.eps, ln2d.affine) == (96, 1e-6, True)
+    assert normzoo.norm_factory("ln2d", eps=1e-5)(64).eps == 1e-5
+    assert normzoo.build({"type": "rms_norm", "eps": 1e-6, "elementwise_affine": False}, 8).weight is None
     assert isinstance(normzoo.build("bn", 8), normzoo.BatchNorm2d)
 
 
@@ -114,3 +122,4 @@ def test_describe_rows_for_normzoo_list():
     rows = {r["name"]: r for r in registry.describe()}
     assert rows["gn1"]["type"] == "group_norm" and "num_groups=1" in rows["gn1"]["arguments"]
     assert rows["gn"]["description"] == "alias of group_norm"
+    assert rows["rms"]["type"] == "rms_norm" and rows["ln2d"]["type"] == "layer_norm2d"

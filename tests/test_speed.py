@@ -200,3 +200,22 @@ def test_sequence_case_compiled(tmp_path, capsys):
         assert want in text, fmt
     rows = list(csv.DictReader(io.StringIO(text)))
     assert json.loads(rows[0]["shapes"]) == SEQ["shapes"] and rows[0]["no_eager_fallback"] == "True"
+
+
+def test_rms_norm_and_layer_norm2d_cases(eager):
+    """The machinery takes RMSNorm (torch = torch.nn.RMSNorm) and LayerNorm2d (torch = permute + F.layer_norm +
+    permute) in both layouts: every contender agrees with torch before it is timed. The default sweep holds the
+    LLM and ConvNeXt shapes."""
+    sw = grid.parse({"threads": 1, "blocks": 1, "grids": [
+        {"layers": ["rms"], "shapes": [[2, 4, 64]], "dtypes": ["float32", "bfloat16"]},
+        {"layers": ["ln2d"], "shapes": [[2, 16, 4, 4]], "layouts": ["contiguous", "channels_last"]}]},
+        "speed", "t.yaml")
+    assert len(sw.cases) == 8
+    for case in sw.cases:
+        r = speed.run_case(case, threads=1, blocks=1)
+        assert r["note"] is None and all(t > 0 for t in r["times_ms"].values()), r
+        assert r["agreement"]["normzoo"] <= 2 * case.tolerance * 10, r
+    default = {(c.layer, c.shape, c.dtype, c.layout, c.pass_) for c in grid.load(None, "speed").cases}
+    for p in speed.PASS_SHORT:
+        assert {("rms", (4, 512, 4096), dt, "contiguous", p) for dt in ("float32", "bfloat16")} <= default
+        assert {("ln2d", (8, 96, 56, 56), "float32", lay, p) for lay in ("contiguous", "channels_last")} <= default

@@ -135,7 +135,7 @@ def run_case(case: Case, seed: int = 0) -> dict:
 
         measured, tensors, _ = prepare_user(case.user.factory(), zoo, case.shape, dtype, training)
     theirs = torch_counterpart(zoo, len(case.shape))
-    ref = Reference(zoo)
+    ref = Reference(zoo, dtype)
     bn_train = training and getattr(zoo, "running_mean", None) is not None and not frozen
     steps = [sample(case.offset) for _ in range(WARM_STEPS)] if bn_train else []
     x = sample(case.offset)

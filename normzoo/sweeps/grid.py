@@ -74,11 +74,12 @@ def default_tolerance(dtype: str) -> float:
     return K_TOL * torch.finfo(DTYPES[dtype]).eps
 
 
-FAMILIES = ("group_norm", "layer_norm", "instance_norm", "batch_norm")
+FAMILIES = ("group_norm", "layer_norm2d", "layer_norm", "rms_norm", "instance_norm", "batch_norm")
 
 
 def family_of(layer_type: str) -> str:
-    """group_norm, layer_norm, instance_norm or batch_norm (sync_batch_norm, frozen_batch_norm: batch_norm)."""
+    """group_norm, layer_norm2d, layer_norm, rms_norm, instance_norm or batch_norm (sync_batch_norm,
+    frozen_batch_norm: batch_norm)."""
     return next((f for f in FAMILIES if f in layer_type), layer_type)
 
 
@@ -110,7 +111,7 @@ class Case:
 
     @property
     def num_features(self) -> int:
-        return self.shape[-1] if self.family == "layer_norm" else self.shape[1]
+        return self.shape[registry.features_axis(self.spec_dict["type"])]
 
     def build(self, device: str | torch.device = "cpu", compile: bool | None = None) -> torch.nn.Module:
         """The normzoo layer for this case, in float32 (the caller converts)."""
@@ -189,7 +190,7 @@ def _check_layer_shape(spec: dict, shape: tuple, where: str, label: str) -> None
     if dims is not None and (len(shape) not in dims or len(shape) == getattr(cls, "unbatched_dims", None)):
         raise SweepError(f"{where}: layer {label!r} ({spec['type']}) cannot take the {len(shape)}-D shape "
                          f"{list(shape)}")
-    nf = shape[-1] if family_of(spec["type"]) == "layer_norm" else shape[1]
+    nf = shape[registry.features_axis(spec["type"])]
     try:
         layer = registry.build(spec, nf, device="meta", compile=False)
         layer(torch.empty(shape, device="meta"))
@@ -377,7 +378,7 @@ def _expand_grid(grid, gi: int, kind: str, src: str):
         shape = group[0]
         spec = _fix_type(spec0, len(shape))
         fam = family_of(spec["type"])
-        feat = -1 if fam == "layer_norm" else 1  # the features axis
+        feat = registry.features_axis(spec["type"])
         for s in group:
             _check_layer_shape(spec, s, f"{here}", label if user is None else f"{label}'s like")
             if user is not None:

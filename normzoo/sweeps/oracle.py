@@ -1,8 +1,11 @@
 """What the zoo is checked against: a float64 oracle written apart from normzoo's engine, and torch.nn itself.
 
 The oracle is the textbook math in float64, two passes (mean, then the biased variance of x - mean), per family,
-with autograd in float64 for the gradients. It reads only the layer's configuration (groups, eps, momentum,
-affine tensors, running buffers), never normzoo's engine.
+with autograd in float64 for the gradients (RMSNorm: the mean square, nothing subtracted). It reads only the layer's
+configuration (groups, eps, momentum, affine tensors, running buffers), never normzoo's engine.
+
+torch's side is torch.nn's layer where there is one (torch.nn.RMSNorm for RMSNorm), and for LayerNorm2d what people
+write today: permute to channels last, F.layer_norm over C, permute back (timm's and torchvision's LayerNorm2d).
 """
 
 from __future__ import annotations
@@ -34,6 +37,15 @@ def _torch_batchnorm(ndim: int | None):
     return {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 5: nn.BatchNorm3d}.get(ndim, nn.BatchNorm2d)
 
 
+class PermuteLayerNorm2d(nn.LayerNorm):
+    """The channels-first LayerNorm as people write it (timm's and torchvision's LayerNorm2d): move C last,
+    F.layer_norm over it, move it back. torch's reference for normzoo.LayerNorm2d; (N, C, *) inputs."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = nn.functional.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.movedim(-1, 1)
+
+
 def torch_counterpart(zoo: nn.Module, ndim: int | None = None) -> nn.Module:
     """The torch.nn layer doing what `zoo` does, with the same state (followed by the activation, if any).
 
@@ -58,6 +70,10 @@ def torch_counterpart(zoo: nn.Module, ndim: int | None = None) -> nn.Module:
     elif isinstance(zoo, zl.LayerNorm):
         t = nn.LayerNorm(zoo.normalized_shape, zoo.eps, zoo.elementwise_affine,
                          bias=zoo.bias is not None or not zoo.elementwise_affine)
+    elif isinstance(zoo, zl.RMSNorm):
+        t = nn.RMSNorm(zoo.normalized_shape, zoo.eps, zoo.elementwise_affine)
+    elif isinstance(zoo, zl.LayerNorm2d):
+        t = PermuteLayerNorm2d(zoo.num_channels, zoo.eps, zoo.affine)
     elif isinstance(zoo, (zl._InstanceNorm, zl._BatchNorm)):
         t = getattr(nn, type(zoo).__name__)(zoo.num_features, zoo.eps, zoo.momentum, zoo.affine,
                                              zoo.track_running_stats, bias=zoo.bias is not None or not zoo.affine)
@@ -116,10 +132,17 @@ class Reference:
 
     Running buffers (BatchNorm) evolve across calls exactly as the layer's should: EMA with momentum of the batch
     mean and the unbiased batch variance, or the cumulative average when momentum is None.
+    `dtype`: the dtype the layer is fed (the oracle is fed float64), for RMSNorm's eps=None, which means
+    torch.finfo of the dtype the arithmetic runs in (float32 for float16/bfloat16); default: the layer's parameters'.
     """
 
-    def __init__(self, zoo: nn.Module) -> None:
+    def __init__(self, zoo: nn.Module, dtype: torch.dtype | None = None) -> None:
         self.zoo = zoo
+        p = next(zoo.parameters(), None)
+        dtype = dtype or (p.dtype if p is not None else torch.float32)
+        self.eps = getattr(zoo, "eps", None)
+        if self.eps is None and isinstance(zoo, zl.RMSNorm):
+            self.eps = torch.finfo(dtype if dtype in (torch.float32, torch.float64) else torch.float32).eps
         self.weight = _f64(zoo.weight) if getattr(zoo, "weight", None) is not None else None
         self.bias = _f64(zoo.bias) if getattr(zoo, "bias", None) is not None else None
         for name in ("weight", "bias"):  # learnable where the layer's are (a frozen layer's are buffers)
@@ -143,6 +166,13 @@ class Reference:
             k = len(z.normalized_shape)
             y, _, _ = _normalize(x, tuple(range(x.dim() - k, x.dim())), z.eps)
             y = _affine(y, self.weight, self.bias, z.normalized_shape)
+        elif isinstance(z, zl.RMSNorm):  # no centring: x / sqrt(mean(x^2) + eps)
+            dims = tuple(range(x.dim() - len(z.normalized_shape), x.dim()))
+            y = x / torch.sqrt((x * x).mean(dims, keepdim=True) + self.eps)
+            y = _affine(y, self.weight, None, z.normalized_shape)
+        elif isinstance(z, zl.LayerNorm2d):  # over the channels at each (sample, position)
+            y, _, _ = _normalize(x, (1,), z.eps)
+            y = _affine(y, self.weight, self.bias, (1, c) + (1,) * (x.dim() - 2))
         elif isinstance(z, zl._InstanceNorm):
             y, _, _ = _normalize(x, tuple(range(2, x.dim())), z.eps)
             y = _affine(y, self.weight, self.bias, (1, c) + (1,) * (x.dim() - 2))

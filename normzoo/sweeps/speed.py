@@ -165,7 +165,7 @@ def run_case(case: Case, threads: int, blocks: int = 5, device: str = "cpu") -> 
     training = case.mode == "train"
 
     zoo = case.build(device, compile=True).to(dtype).train(training)
-    ref = Reference(zoo)  # the float64 oracle, from the state every contender starts with
+    ref = Reference(zoo, dtype)  # the float64 oracle, from the state every contender starts with
     eager = torch_counterpart(zoo, len(case.shape)).train(training)
     compiled_module = torch_counterpart(zoo, len(case.shape)).train(training)
     # a sequence is compiled as users compile a model fed changing shapes: torch.compile's default dynamic=None
