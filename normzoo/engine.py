@@ -190,20 +190,19 @@ def forward(
     running_mean / running_var: read when spec.batch_stats is False; updated in place (EMA with spec.momentum,
     or with the tensor `momentum` when given, for the cumulative average) when spec.momentum is set.
     """
-    if under_functorch(x, weight, bias):  # torch.func transforms: plain differentiable ops, no custom Function
+    if under_functorch():  # torch.func transforms: plain differentiable ops, no custom Function
         return reference_forward(spec, x, weight, bias, running_mean, running_var, momentum)
     with torch.no_grad():  # the statistics' share of the gradient is in _Normalize.backward's formula
         shift, mean_d, rstd = statistics(spec, x, running_mean, running_var, momentum)
     return _Normalize.apply(spec, x, weight, bias, shift, mean_d, rstd)
 
 
-def under_functorch(*tensors) -> bool:
+def under_functorch() -> bool:
     """True inside a torch.func transform (vmap, grad, jacrev, jvp, ...), whose wrapped tensors a custom
     autograd.Function without functorch rules cannot take."""
     if torch.compiler.is_compiling():  # dynamo handles torch.func itself (and cannot trace these queries)
         return False
-    return torch._C._functorch.maybe_current_level() is not None or any(
-        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    return torch._C._functorch.maybe_current_level() is not None
 
 
 def reference_forward(spec: NormSpec, x: Tensor, weight=None, bias=None, running_mean=None, running_var=None,
@@ -335,73 +334,93 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        spec = ctx.spec
         x, weight, bias, shift, mean_d, rstd = ctx.saved_tensors
-        if torch.is_grad_enabled() and spec.batch_stats:
-            # create_graph=True: the gradient must itself be differentiable, statistics included (the formula
-            # below treats them as constants, which is exact for the first derivative only)
-            return _differentiable_backward(ctx, dy)
-        cd = compute_dtype(x.dtype)
-        w, b = _affine_view(spec, x, weight, cd), _affine_view(spec, x, bias, cd)
-        # x - shift, spelled differently from the forward's: if AOTAutograd's CSE merged the two, its partitioner
-        # would save this full-size difference for the backward (an extra write in the forward) instead of x
-        xc = x.to(cd) + (-shift.to(cd))
-        xhat = (xc - mean_d) * rstd
-        g = dy.to(cd)
-        if spec.activation is not None:  # through the activation, recomputing its input
-            pre = xhat if w is None else xhat * w
-            g = g * ACTIVATION_GRADS[spec.activation](pre if b is None else pre + b)
-        r, m = rstd, mean_d
-        dx = dweight = dbias = None
-        if spec.groups is None:  # layer norm: sums of dy' = dy * weight over each set; parameter grads over the rest
-            row_sum = lambda t: sum_dim(_layer_rows(spec, t)[0], -1).reshape(r.shape)  # noqa: E731
-            gw = g if w is None else g * w
-            a = row_sum(gw)
-            c = row_sum(gw * xc) - m * a  # sum of dy' * (x - mean)
-            n = _count(x, spec.layer_dims(x.dim()))
-            k1, k0 = _dx_coefficients(r, m, a, c, n, cd, spec.center)
-            if ctx.needs_input_grad[1]:
-                dx = gw * rstd + (xc * k1 + k0)
-            # over the other dims, one value per element of the normalized dims
-            over_rows = lambda t: sum_dim(_layer_rows(spec, t)[0].reshape(-1, n), 0)  # noqa: E731
-            if weight is not None and ctx.needs_input_grad[2]:
-                dweight = over_rows(g * xhat).reshape(weight.shape)
-            if bias is not None and ctx.needs_input_grad[3]:
-                dbias = over_rows(g).reshape(bias.shape)
+        needs = tuple(ctx.needs_input_grad[1:4])
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = backward_create_graph(ctx.spec, needs, x, weight, bias, shift, mean_d, rstd, dy)
         else:
-            # one pass over (x, dy): per-(sample, channel) sums of dy and dy * (x - mean); the parameter grads and
-            # the pooled means of dx's formula all come from them
-            N, C, G = x.shape[0], x.shape[1], spec.groups
-            per_channel = (N, C) + (1,) * (x.dim() - 2)
-            a = sum_dim(_channel_rows(g), -1).reshape(per_channel)
-            c = sum_dim(_channel_rows(g * xc), -1).reshape(per_channel) - m * a
-            if weight is not None and ctx.needs_input_grad[2]:
-                dweight = (r * c).sum(0).reshape(weight.shape)
-            if bias is not None and ctx.needs_input_grad[3]:
-                dbias = a.sum(0).reshape(bias.shape)
-            if ctx.needs_input_grad[1]:
-                scale = rstd if w is None else stored(rstd * w)
-                if x.numel() == 0 or not spec.batch_stats:  # BatchNorm eval: an affine map of x
-                    dx = g * scale
-                else:
-                    if w is not None:  # sums of dy' = dy * weight
-                        a, c = a * w, c * w
-                    pool = (0, 2) if spec.batch else (2,)
+            grads = backward(ctx.spec, needs, x, weight, bias, shift, mean_d, rstd, dy)
+        return (None,) + grads + (None, None, None)
 
-                    def pooled(t):  # summed over each set's members, then one value per (sample,) channel again
-                        t = t.reshape(N, G, C // G).sum(pool, keepdim=True)
-                        return t.expand(t.shape[0], G, C // G).reshape(rstd.shape)
 
-                    n = x.numel() // C * (C // G) // (1 if spec.batch else N)
-                    k1, k0 = _dx_coefficients(r, m, pooled(a), pooled(c), n, cd, spec.center)
-                    dx = g * scale + (xc * k1 + k0)
-        if dx is not None:
-            # in x's memory format: dynamo traces this backward with a contiguous dy, and Inductor would otherwise
-            # write a channels_last dx transposed, for autograd to copy back into x's layout
-            dx = stored(dx.to(x.dtype), like=x)
-        dweight = None if dweight is None else dweight.to(weight.dtype)
-        dbias = None if dbias is None else dbias.to(bias.dtype)
-        return None, dx, dweight, dbias, None, None, None
+def forward_inference(spec: NormSpec, x: Tensor, weight=None, bias=None, running_mean=None, running_var=None,
+                      momentum=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward with no autograd: (y, shift, mean_d, rstd), the statistics being what `backward` needs.
+    normzoo.compiling compiles this (an inference graph) and `backward` apart, and ties them with its own
+    autograd.Function."""
+    shift, mean_d, rstd = statistics(spec, x, running_mean, running_var, momentum)
+    return _normalize(spec, x, weight, bias, shift, mean_d, rstd), shift, mean_d, rstd
+
+
+def backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, shift, mean_d, rstd, dy):
+    """(dx, dweight, dbias) of the norm (None where `needs` says not needed), the full gradient written out.
+
+    One pass over (x, dy) for the per-(sample, channel) or per-row sums of dy and dy * (x - shift) (cascaded,
+    `sum_dim`), then one elementwise pass: dx = rstd * (dy' - mean(dy') - xhat * mean(dy' * xhat)), means over each
+    normalized set, dy' = dy * weight (and the activation's derivative).
+    """
+    cd = compute_dtype(x.dtype)
+    w, b = _affine_view(spec, x, weight, cd), _affine_view(spec, x, bias, cd)
+    # x - shift, spelled differently from the forward's: if AOTAutograd's CSE merged the two, its partitioner
+    # would save this full-size difference for the backward (an extra write in the forward) instead of x
+    xc = x.to(cd) + (-shift.to(cd))
+    xhat = (xc - mean_d) * rstd
+    g = dy.to(cd)
+    if spec.activation is not None:  # through the activation, recomputing its input
+        pre = xhat if w is None else xhat * w
+        g = g * ACTIVATION_GRADS[spec.activation](pre if b is None else pre + b)
+    r, m = rstd, mean_d
+    needs_x, needs_w, needs_b = needs
+    dx = dweight = dbias = None
+    if spec.groups is None:  # layer norm: sums of dy' = dy * weight over each set; parameter grads over the rest
+        row_sum = lambda t: sum_dim(_layer_rows(spec, t)[0], -1).reshape(r.shape)  # noqa: E731
+        gw = g if w is None else g * w
+        a = row_sum(gw)
+        c = row_sum(gw * xc) - m * a  # sum of dy' * (x - mean)
+        n = _count(x, spec.layer_dims(x.dim()))
+        k1, k0 = _dx_coefficients(r, m, a, c, n, cd, spec.center)
+        if needs_x:
+            dx = gw * rstd + (xc * k1 + k0)
+        # over the other dims, one value per element of the normalized dims
+        over_rows = lambda t: sum_dim(_layer_rows(spec, t)[0].reshape(-1, n), 0)  # noqa: E731
+        if weight is not None and needs_w:
+            dweight = over_rows(g * xhat).reshape(weight.shape)
+        if bias is not None and needs_b:
+            dbias = over_rows(g).reshape(bias.shape)
+    else:
+        # one pass over (x, dy): per-(sample, channel) sums of dy and dy * (x - mean); the parameter grads and
+        # the pooled means of dx's formula all come from them
+        N, C, G = x.shape[0], x.shape[1], spec.groups
+        per_channel = (N, C) + (1,) * (x.dim() - 2)
+        a = sum_dim(_channel_rows(g), -1).reshape(per_channel)
+        c = sum_dim(_channel_rows(g * xc), -1).reshape(per_channel) - m * a
+        if weight is not None and needs_w:
+            dweight = (r * c).sum(0).reshape(weight.shape)
+        if bias is not None and needs_b:
+            dbias = a.sum(0).reshape(bias.shape)
+        if needs_x:
+            scale = rstd if w is None else stored(rstd * w)
+            if x.numel() == 0 or not spec.batch_stats:  # BatchNorm eval: an affine map of x
+                dx = g * scale
+            else:
+                if w is not None:  # sums of dy' = dy * weight
+                    a, c = a * w, c * w
+                pool = (0, 2) if spec.batch else (2,)
+
+                def pooled(t):  # summed over each set's members, then one value per (sample,) channel again
+                    t = t.reshape(N, G, C // G).sum(pool, keepdim=True)
+                    return t.expand(t.shape[0], G, C // G).reshape(rstd.shape)
+
+                n = x.numel() // C * (C // G) // (1 if spec.batch else N)
+                k1, k0 = _dx_coefficients(r, m, pooled(a), pooled(c), n, cd, spec.center)
+                dx = g * scale + (xc * k1 + k0)
+    if dx is not None:
+        # in x's memory format: dynamo traces this backward with a contiguous dy, and Inductor would otherwise
+        # write a channels_last dx transposed, for autograd to copy back into x's layout
+        dx = stored(dx.to(x.dtype), like=x)
+    dweight = None if dweight is None else dweight.to(weight.dtype)
+    dbias = None if dbias is None else dbias.to(bias.dtype)
+    return dx, dweight, dbias
 
 
 def _normalize(spec, x, weight, bias, shift, mean_d, rstd) -> Tensor:
@@ -421,19 +440,28 @@ def _normalize(spec, x, weight, bias, shift, mean_d, rstd) -> Tensor:
     return y.to(x.dtype)
 
 
-def _differentiable_backward(ctx, dy):
-    """The gradients of reference_forward, recomputed with create_graph: what double backward needs."""
+def backward_create_graph(spec: NormSpec, needs, x, weight, bias, shift, mean_d, rstd, dy):
+    """The backward for create_graph=True: gradients that are themselves differentiable. The written-out formula
+    treats the statistics as constants, exact for the first derivative only; where they are constants (BatchNorm
+    eval) it is differentiable as it stands, elsewhere the gradient is re-derived with the statistics in the graph."""
+    if not spec.batch_stats:
+        return backward(spec, needs, x, weight, bias, shift, mean_d, rstd, dy)
+    return differentiable_backward(spec, needs, x, weight, bias, dy)
+
+
+def differentiable_backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, dy):
+    """(dx, dweight, dbias) of reference_forward, with create_graph: gradients that are themselves differentiable
+    (double backward). x, weight and bias are the forward's own tensors, so the graph reaches them."""
     import dataclasses
 
-    x, weight, bias = ctx.saved_tensors[:3]
-    wanted = [i for i, t in ((1, x), (2, weight), (3, bias)) if t is not None and ctx.needs_input_grad[i]]
-    inputs = [(None, x, weight, bias)[i] for i in wanted]
+    inputs = [t for t, need in zip((x, weight, bias), needs) if need and t is not None]
     with torch.enable_grad():
-        y = reference_forward(dataclasses.replace(ctx.spec, momentum=None), x, weight, bias)  # no buffer update
-        grads = torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True)
-    out = [None] * 7
-    for i, gi, t in zip(wanted, grads, inputs):
-        out[i] = torch.zeros_like(t) if gi is None else gi
+        y = reference_forward(dataclasses.replace(spec, momentum=None), x, weight, bias)  # no buffer update
+        grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    out = []
+    for t, need in zip((x, weight, bias), needs):
+        gi = next(grads) if need and t is not None else None
+        out.append(torch.zeros_like(t) if gi is None and need and t is not None else gi)
     return tuple(out)
 
 

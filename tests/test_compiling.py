@@ -106,3 +106,31 @@ def test_zoo_net_compiles_fullgraph_and_matches_torch_net():
         torch.testing.assert_close(bz, br, msg=lambda m: f"{name}: {m}")
     # train/eval switches: one graph per mode, no recompile storm
     assert counters["stats"]["unique_graphs"] - graphs <= 2
+
+
+def test_concurrent_first_calls_compile_once_per_signature():
+    """Four threads meet three new signatures at once: three forward compiles, right answers in every thread."""
+    import threading
+
+    shapes = [(2, 6, 5, 3), (3, 6, 5, 3), (4, 6, 5, 3)]
+    inputs = [torch.randn(s) for s in shapes]
+    layer = normzoo.GroupNorm(3, 6)
+    before = compiling.cache_info()["compiles"]
+    errors, barrier = [], threading.Barrier(4)
+
+    def work():
+        barrier.wait()
+        try:
+            with torch.no_grad():
+                for x in inputs:
+                    torch.testing.assert_close(layer(x), nn.functional.group_norm(x, 3, layer.weight, layer.bias))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert compiling.cache_info()["compiles"] - before == 3
