@@ -18,7 +18,11 @@ Hyperparameters (the rule):
   layer takes them; the preset's values for these are not used. Keyword overrides to convert()
   win over both. What the preset is about stays the preset's: num_groups of a group_norm preset, the layer type.
 - Cross family (BatchNorm -> gn32, LayerNorm([C, H, W]) -> gn1, ...): the preset's values (and the overrides).
-- A class or callable spec: a normzoo layer class follows the same rule; any other callable builds what it builds.
+- A class spec (a normzoo or torch.nn norm class, a subclass of one, or a functools.partial of one) is checked as
+  the preset of its family (_class_kind): the same rule, and the same refusals (a LayerNorm or RMSNorm class cannot
+  fill a channel slot, nor a channels-first LayerNorm slot, where `ln` would become LayerNorm2d but a class stays
+  the class it is); a partial's own eps= is a preset's value. Any other class is refused, naming it. A function
+  (lambda c: MyNorm(c)) builds what it builds, unchecked.
 - Where the new layer cannot keep a value, convert() refuses instead of changing the model: an
   InstanceNorm(track_running_stats=True) to normzoo's InstanceNorm (which keeps none), a BatchNorm without running
   statistics to frozen_bn, a channels-first LayerNorm with a weight but no bias (bias=False) to LayerNorm2d.
@@ -72,6 +76,7 @@ itself a norm layer the new layer is returned. Nothing is swapped unless every l
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Mapping
 
@@ -209,6 +214,31 @@ def _slot_family(module: nn.Module) -> str | None:
     return next((family for family, classes in _FAMILIES.items() if isinstance(module, classes)), None)
 
 
+def _class_kind(cls: type) -> str | None:
+    """The layer type a class spec is checked as: a zoo class's (or its subclass's) own, frozen_batch_norm and
+    sync_batch_norm included; else the family of the torch.nn class it is or derives from (a torch.nn.LayerNorm
+    subclass named in CHANNELS_FIRST_LAYER_NORMS: layer_norm2d); None for any other class."""
+    zoo = {c: kind for kind, (c, _) in registry.LAYER_TYPES.items()}
+    kind = next((zoo[c] for c in cls.__mro__ if c in zoo), None)
+    if kind is None and issubclass(cls, nn.LayerNorm) and cls.__name__ in CHANNELS_FIRST_LAYER_NORMS:
+        kind = "layer_norm2d"
+    return kind or next((family for family, classes in _FAMILIES.items() if issubclass(cls, classes)), None)
+
+
+def _callable_name(spec) -> str:
+    """normzoo.GroupNorm, torch.nn.BatchNorm2d, partial(normzoo.LayerNorm, eps=1e-06), MyNorm, or the repr."""
+    if isinstance(spec, functools.partial):
+        args = [repr(a) for a in spec.args] + [f"{k}={v!r}" for k, v in spec.keywords.items()]
+        return f"partial({', '.join([_callable_name(spec.func)] + args)})"
+    if isinstance(spec, type):
+        if spec.__module__.startswith("torch.nn.") and getattr(nn, spec.__name__, None) is spec:
+            return f"torch.nn.{spec.__name__}"
+        if spec.__module__.startswith("normzoo."):
+            return f"normzoo.{spec.__name__}"
+        return spec.__name__
+    return repr(spec)
+
+
 def _kept(old: nn.Module, cls: type) -> dict:
     """The old layer's hyperparameters that `cls`'s constructor takes (same-family conversion)."""
     values = {}
@@ -237,64 +267,72 @@ def _check_keepable(where: str, old: nn.Module, family: str, kind: str) -> None:
 
 
 def _build_for(path: str, old: nn.Module, spec, overrides: dict) -> nn.Module:
-    """The new layer for the slot `old` at `path` (the norm alone: what comes after it is the caller's)."""
-    if not isinstance(spec, (str, Mapping)):  # a class or callable: trust it with num_features
+    """The new layer for the slot `old` at `path` (the norm alone: what comes after it is the caller's).
+
+    A preset and a class spec (a class, or a functools.partial of one) go through the same rules: the class is
+    checked as the layer type of its family (_class_kind), and stays the class it is where a preset's type would
+    follow the slot (BatchNorm dimensionality; `ln` on a channels-first slot becomes LayerNorm2d)."""
+    cls = registry.spec_class(spec)
+    if isinstance(spec, (str, Mapping)):
+        merged = registry.resolve_spec(spec)
+        kind = merged["type"]
+        where = f"{path}: cannot replace {_describe(old)} with preset {_spec_name(spec)} ({kind})"
+    elif cls is None:  # a function: it builds what it builds, given the slot's features
         features = old.normalized_shape[-1] if isinstance(old, _LAST_DIM_SLOTS) else _channels(old)
-        kind = {cls: kind for kind, (cls, _) in registry.LAYER_TYPES.items()}.get(spec)
-        kwargs = {}
-        if kind is not None and _family(kind) == _slot_family(old):
-            _check_keepable(f"{path}: cannot replace {_describe(old)} with {spec.__name__}", old, _family(kind), kind)
-            kwargs.update(_kept(old, spec))
-        kwargs.update(overrides)
         try:
-            return registry.build(spec, features, **kwargs)
+            return registry.build(spec, features, **overrides)
         except (ValueError, TypeError) as err:
             raise ConversionError(f"{path}: cannot replace {_describe(old)} with {spec!r}: {err}") from None
-
-    merged = registry.resolve_spec(spec)
-    kind = merged["type"]
+    else:
+        kind = _class_kind(cls)
+        where = f"{path}: cannot replace {_describe(old)} with {_callable_name(spec)}" + (f" ({kind})" if kind else "")
+        if kind is None:
+            raise ConversionError(
+                f"{where}: {cls.__name__} is not a norm layer class convert() knows (normzoo's and torch.nn's norms "
+                f"and their subclasses), so it cannot check that it normalizes the dims this slot does; pass a "
+                f"function, lambda c: {cls.__name__}(c), to build it unchecked")
+        merged = {"type": kind}
     family = _family(kind)
-    where = f"{path}: cannot replace {_describe(old)} with preset {_spec_name(spec)} ({kind})"
     if is_channels_first_layer_norm(old):  # LayerNorm over C at each position (_tail_of checked its forward)
-        features = _channels(old)
-        if kind in ("layer_norm", "layer_norm2d"):  # the same family: LayerNorm2d, keeping eps and affine (below)
+        features, dims = _channels(old), _slot_dims(old) or 2
+        if cls is None and kind in ("layer_norm", "layer_norm2d"):  # ln, ln2d: LayerNorm2d, the same family
             family = kind = "layer_norm2d"
             merged = {k: v for k, v in merged.items() if k != "elementwise_affine"}  # LayerNorm2d calls it affine
             overrides = {("affine" if k == "elementwise_affine" else k): v for k, v in overrides.items()}
-        elif kind in registry.FEATURES_LAST:
+        elif kind in registry.FEATURES_LAST:  # a class stays the class: a LayerNorm class is one over the last dim
             raise ConversionError(f"{where}: {kind} normalizes the last dim, but this slot normalizes the channels at "
-                                  f"dim 1 of (N, C, *) at each position; use 'ln2d'")
-        elif family in ("batch_norm", "instance_norm"):
-            kind = f"{family}{_slot_dims(old) or 2}d"
+                                  f"dim 1 of (N, C, *) at each position; use 'ln2d' (normzoo.LayerNorm2d)")
     elif isinstance(old, _LAST_DIM_SLOTS):
         shape = tuple(old.normalized_shape)
+        dims = len(shape) - 1 if len(shape) - 1 in (1, 2, 3) else None
         if kind in registry.FEATURES_LAST:  # layer_norm, rms_norm
             features = shape if len(shape) > 1 else shape[0]
         elif len(shape) > 1:  # LayerNorm([C, H, W]) on (N, C, H, W): channels are at dim 1
             features = shape[0]
-            if family in ("batch_norm", "instance_norm") and kind not in ("frozen_batch_norm", "sync_batch_norm"):
-                kind = f"{family}{len(shape) - 1}d" if len(shape) - 1 in (1, 2, 3) else kind
         else:
             raise ConversionError(
                 f"{where}: {type(old).__name__} normalizes the last dim (features last, (*, {shape[0]})), while "
                 f"{kind} normalizes channels at dim 1 of (N, C, *); use a preset over the last dim such as "
                 f"{'rms' if isinstance(old, _RMS) else 'ln'!r}")
     else:
-        features = _channels(old)
+        features, dims = _channels(old), _slot_dims(old) or 2
         if kind in registry.FEATURES_LAST:
             raise ConversionError(
                 f"{where}: {kind} normalizes the last dim, but this slot normalizes channels at dim 1 of (N, C, *); "
-                f"use 'ln2d' for a LayerNorm over the channels at each position, or 'gn1' for LayerNorm-style "
-                f"statistics over (C, *spatial) with a per-channel affine")
-        if family in ("batch_norm", "instance_norm") and kind not in ("frozen_batch_norm", "sync_batch_norm"):
-            dims = _slot_dims(old)
-            kind = f"{family}{dims or 2}d"
+                f"use 'ln2d' (normzoo.LayerNorm2d) for a LayerNorm over the channels at each position, or 'gn1' for "
+                f"LayerNorm-style statistics over (C, *spatial) with a per-channel affine")
+    if (cls is None and family in ("batch_norm", "instance_norm") and dims is not None
+            and kind not in ("frozen_batch_norm", "sync_batch_norm")):
+        kind = f"{family}{dims}d"  # a preset's BatchNorm / InstanceNorm follows the slot's dimensionality
     merged["type"] = kind
-    if family == _slot_family(old):  # same family: the model's hyperparameters, not the preset's
+    if family == _slot_family(old):  # same family: the model's hyperparameters, not the preset's (nor a partial's)
         _check_keepable(where, old, family, kind)
-        merged.update(_kept(old, registry.LAYER_TYPES[kind][0]))
+        merged.update(_kept(old, cls or registry.LAYER_TYPES[kind][0]))
     try:
-        return registry.build(merged, features, **overrides)
+        if cls is None:
+            return registry.build(merged, features, **overrides)
+        kwargs = {k: v for k, v in merged.items() if k != "type"}
+        return registry.build(spec, features, **{**kwargs, **overrides})
     except (ValueError, TypeError) as err:
         raise ConversionError(f"{where}: {err}") from None
 
@@ -416,7 +454,8 @@ def _after_norm(where: str, old: nn.Module, tail: list[tuple[str, nn.Module]], s
                 overrides: dict) -> tuple[str | None, list[tuple[str, nn.Module]]]:
     """Split what the slot applies after its norm into the activation the new layer fuses and the modules that
     stay after it. Refuses a requested activation that would replace the slot's own."""
-    takes_activation = isinstance(spec, (str, Mapping)) or spec in {c for c, _ in registry.LAYER_TYPES.values()}
+    takes_activation = (isinstance(spec, (str, Mapping))
+                        or registry.spec_class(spec) in {c for c, _ in registry.LAYER_TYPES.values()})
     fused = getattr(old, "activation", None) if isinstance(old, (layers._Extras, FrozenBatchNorm2d)) else None
     if fused is None and takes_activation and len(tail) == 1 and tail[0][0] == "act" and _fusable(tail[0][1]):
         fused, tail = _fusable(tail[0][1]), []
@@ -512,7 +551,7 @@ def _carry_state(old: nn.Module, new: nn.Module) -> None:
 def _replacement(path: str, old: nn.Module, spec, overrides: dict, fallback: torch.Tensor | None) -> nn.Module:
     tail = _tail_of(path, old)
     where = f"{path}: cannot replace {_describe(old)} with " + (
-        f"preset {_spec_name(spec)}" if isinstance(spec, (str, Mapping)) else repr(spec))
+        f"preset {_spec_name(spec)}" if isinstance(spec, (str, Mapping)) else _callable_name(spec))
     activation, after = _after_norm(where, old, tail, spec, overrides)
     new = _build_for(path, old, spec, overrides if activation is None else {**overrides, "activation": activation})
     ref = _reference_tensor(old, fallback)

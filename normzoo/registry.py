@@ -9,6 +9,9 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import math
+import numbers
+import re
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -39,6 +42,7 @@ LAYER_TYPES: dict[str, tuple[type[nn.Module], str]] = {
     "sync_batch_norm": (SyncBatchNorm, "num_features"),
 }
 _META_KEYS = ("type", "description")
+_NUMBERS = ("eps", "momentum")  # arguments that must be numbers (None where the layer's default is None; momentum)
 FEATURES_LAST = ("layer_norm", "rms_norm")  # layer types normalizing the last dim D of (*, D); the rest: C at dim 1
 
 
@@ -57,6 +61,21 @@ class PresetError(ValueError):
 
 class PresetFileError(PresetError):
     """A malformed presets file; the message names the file and the line."""
+
+
+class YamlLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads numbers with an exponent and no dot (``1e-5``, ``1E5``, ``-2e-3``) as floats,
+    as YAML 1.2 does; PyYAML follows YAML 1.1, where they are strings. normzoo reads every YAML file with it."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """The data of a YAML document, read with YamlLoader (safe; 1e-5 is a float). Raises yaml.YAMLError."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 _PRESETS: dict[str, dict[str, Any]] = {}  # lower-case name -> spec dict (aliases resolved at lookup)
@@ -83,6 +102,15 @@ def _check_spec(spec: Mapping, where: str) -> None:
         if key not in _META_KEYS and key not in allowed:
             raise PresetError(f"{where}: {kind} takes no argument {key!r}{_close(key, allowed)}; "
                               f"it takes {', '.join(allowed)}", key=key)
+    for key in _NUMBERS:
+        if key not in spec:
+            continue
+        value = spec[key]
+        if value is None and (key == "momentum" or params[key].default is None):
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise PresetError(f"{where}: {kind} takes {key} as a number (e.g. {params[key].default or 1e-5}), "
+                              f"got {value!r}", key=key)
 
 
 def register(name: str, spec: Mapping | str, where: str = "register") -> None:
@@ -138,8 +166,9 @@ def build(spec, num_features: int, **overrides) -> nn.Module:
     `overrides` replace the preset's arguments; num_groups and group_size replace each other.
     """
     if not isinstance(spec, (str, Mapping)):
-        feature_arg = {cls: arg for cls, arg in LAYER_TYPES.values()}.get(spec)
-        if feature_arg is not None:  # a zoo class: pass num_features by name (GroupNorm's first is num_groups)
+        feature_arg = {cls: arg for cls, arg in LAYER_TYPES.values()}.get(spec_class(spec))
+        if feature_arg is not None:  # a zoo class or a partial of one: num_features by name (GroupNorm's first
+            # argument is num_groups, which a partial may give by name)
             return spec(**{feature_arg: num_features}, **overrides)
         if callable(spec):
             return spec(num_features, **overrides)
@@ -154,6 +183,13 @@ def build(spec, num_features: int, **overrides) -> nn.Module:
     cls, feature_arg = LAYER_TYPES[merged["type"]]
     kwargs = {k: v for k, v in merged.items() if k not in _META_KEYS}
     return cls(**{feature_arg: num_features}, **kwargs)
+
+
+def spec_class(spec) -> type | None:
+    """The class a class spec or a functools.partial of one builds; None for names, dicts and other callables."""
+    while isinstance(spec, functools.partial):
+        spec = spec.func
+    return spec if isinstance(spec, type) else None
 
 
 def norm_factory(spec, **overrides) -> Callable[[int], nn.Module]:
@@ -181,8 +217,8 @@ def load_presets(path: str | Path) -> list[str]:
 
 def _load_text(text: str, where: str) -> list[str]:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=YamlLoader)
+        data = load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""

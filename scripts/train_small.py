@@ -25,7 +25,6 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-import yaml
 from tabulate import tabulate
 from torch import nn
 
@@ -44,10 +43,10 @@ def load_config(path: str | Path | None, quick: bool = False) -> dict:
             path = DEFAULT_CONFIG
         else:  # an installed normzoo ships the configs as package data
             text = resources.files("normzoo.configs").joinpath("small_net.yaml").read_text()
-            return _finish_config(yaml.safe_load(text), quick, "normzoo/configs/small_net.yaml")
+            return _finish_config(normzoo.registry.load_yaml(text), quick, "normzoo/configs/small_net.yaml")
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = normzoo.registry.load_yaml(path.read_text())
     except OSError as err:
         raise SystemExit(f"error: cannot read config {path}: {err.strerror}") from None
     return _finish_config(data, quick, str(path))

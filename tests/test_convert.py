@@ -637,6 +637,7 @@ def test_channels_first_layer_norm_slot_other_presets():
     model = ConvNeXtBlock(8)
     normzoo.convert(model, "bn", compile=False)
     assert type(model.norm) is normzoo.BatchNorm2d
+    assert type(normzoo.convert(LayerNorm2d(8), "frozen_bn", compile=False)) is normzoo.FrozenBatchNorm2d
     model = ConvNeXtBlock(8)
     with pytest.raises(normzoo.ConversionError, match=r"^norm: cannot replace LayerNorm2d\(8\) with preset 'rms'.*"
                                                       r"normalizes the last dim.*'ln2d'"):
@@ -717,3 +718,89 @@ def test_channels_first_layer_norm_class_spec_keeps_eps_and_affine():
     """normzoo.LayerNorm2d given as a class: the same-family rule, like the ln2d preset."""
     new = normzoo.convert(LayerNorm2d(8, eps=1e-5, affine=False), normzoo.LayerNorm2d, compile=False)
     assert type(new) is normzoo.LayerNorm2d and (new.eps, new.affine) == (1e-5, False)
+
+
+# ---------------------------------------------------------------------------------------- class specs: families
+
+
+def test_class_specs_on_channel_slots_are_checked_like_their_family():
+    """A class, a partial of one, or a torch.nn class goes through the family rules of its presets: a LayerNorm or
+    RMSNorm class (over the last dim) is refused on a channel slot and on a channels-first LayerNorm slot, where it
+    would normalize W instead of C."""
+    import functools
+
+    last_dim = [normzoo.LayerNorm, functools.partial(normzoo.LayerNorm, eps=1e-6), nn.LayerNorm,
+                functools.partial(nn.LayerNorm, elementwise_affine=False), normzoo.RMSNorm, nn.RMSNorm]
+    slots = [nn.BatchNorm2d(8), nn.GroupNorm(2, 8), nn.InstanceNorm2d(8), nn.SyncBatchNorm(8),
+             normzoo.BatchNorm2d(8, compile=False), normzoo.FrozenBatchNorm2d(8, compile=False),
+             normzoo.LayerNorm2d(8, compile=False), LayerNorm2d(8)]
+    for slot in slots:
+        model = nn.Sequential(slot)
+        for spec in last_dim:
+            with pytest.raises(normzoo.ConversionError, match=r"^0: cannot replace \w+\((\d+, )?8\) with "
+                                                              r"(partial\()?(normzoo|torch\.nn)\.(Layer|RMS)Norm.*"
+                                                              r"normalizes the last dim"):
+                normzoo.convert(model, spec)
+            assert model[0] is slot
+    # a channel class on a last-dim slot: refused as the channel presets are
+    with pytest.raises(normzoo.ConversionError, match=r"^0: cannot replace LayerNorm\(8\) with normzoo\.LayerNorm2d"
+                                                      r".*normalizes the last dim"):
+        normzoo.convert(nn.Sequential(nn.LayerNorm(8)), normzoo.LayerNorm2d)
+    with pytest.raises(normzoo.ConversionError, match=r"^0: cannot replace RMSNorm\(8\) with partial\(torch\.nn\."
+                                                      r"GroupNorm, 1\).*normalizes the last dim"):
+        normzoo.convert(nn.Sequential(nn.RMSNorm(8)), functools.partial(nn.GroupNorm, 1))
+
+
+def test_class_specs_keep_hyperparameters_within_their_family():
+    """Same family: the slot's eps, momentum, affine are kept, for a torch.nn class, a zoo class or a partial (whose
+    own values are a preset's: not used); cross family: the class's. A LayerNorm([C, H, W]) slot gives a LayerNorm
+    class its whole normalized_shape, and a channel class its C."""
+    import functools
+
+    def mobilenet_bn():
+        return nn.Sequential(nn.BatchNorm2d(8, eps=1e-3, momentum=0.01, affine=False))
+
+    new = normzoo.convert(mobilenet_bn(), functools.partial(normzoo.BatchNorm2d, eps=0.5, compile=False))[0]
+    assert (type(new), new.eps, new.momentum, new.affine) == (normzoo.BatchNorm2d, 1e-3, 0.01, False)
+    new = normzoo.convert(nn.Sequential(normzoo.BatchNorm2d(8, eps=1e-3, momentum=None, compile=False)),
+                          nn.BatchNorm2d)[0]
+    assert (type(new), new.eps, new.momentum) == (nn.BatchNorm2d, 1e-3, None)
+    new = normzoo.convert(mobilenet_bn(), functools.partial(normzoo.GroupNorm, num_groups=2, compile=False))[0]
+    assert (type(new), new.num_groups, new.num_channels, new.eps, new.affine) == (normzoo.GroupNorm, 2, 8, 1e-5,
+                                                                                  True)
+    new = normzoo.convert(nn.Sequential(nn.RMSNorm(8, eps=1e-4)), functools.partial(normzoo.RMSNorm, eps=0.5,
+                                                                                    compile=False))[0]
+    assert (type(new), new.eps) == (normzoo.RMSNorm, 1e-4)
+    with pytest.raises(normzoo.ConversionError, match=r"^0: .*no running statistics .*none to freeze"):
+        normzoo.convert(nn.Sequential(nn.BatchNorm2d(4, track_running_stats=False)), normzoo.FrozenBatchNorm2d)
+
+    chw = nn.LayerNorm([8, 4, 4], eps=1e-3).double()
+    _randomize_affine(nn.Sequential(chw))
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    want = chw(x)
+    new = normzoo.convert(copy.deepcopy(chw), functools.partial(normzoo.LayerNorm, compile=False))
+    assert (new.normalized_shape, new.eps) == ((8, 4, 4), 1e-3)
+    torch.testing.assert_close(new(x), want, rtol=1e-12, atol=1e-12)
+    new = normzoo.convert(copy.deepcopy(chw), functools.partial(normzoo.GroupNorm, num_groups=1, compile=False))
+    assert (new.num_groups, new.num_channels) == (1, 8)
+
+
+def test_unknown_class_spec_is_refused_by_name_a_function_builds_what_it_builds():
+    import functools
+
+    class MyNorm(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c = c
+
+        def forward(self, x):
+            return x
+
+    for spec, name in ((MyNorm, "MyNorm"), (functools.partial(MyNorm), r"partial\(.*MyNorm\)"),
+                       (nn.LocalResponseNorm, r"torch\.nn\.LocalResponseNorm")):
+        model = nn.Sequential(nn.BatchNorm2d(8))
+        with pytest.raises(normzoo.ConversionError, match=rf"^0: cannot replace BatchNorm2d\(8\) with {name}: .*"
+                                                          r"not a norm layer class convert\(\) knows"):
+            normzoo.convert(model, spec)
+        assert type(model[0]) is nn.BatchNorm2d
+    assert type(normzoo.convert(nn.BatchNorm2d(8), lambda c: MyNorm(c))) is MyNorm

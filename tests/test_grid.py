@@ -120,3 +120,19 @@ def test_bad_top_level_and_files(tmp_path):
 def test_instance_norm_needs_a_batched_shape():
     with pytest.raises(grid.SweepError, match=r"instance_norm1d.*cannot take the 2-D shape"):
         parse([{"layers": [{"type": "instance_norm1d"}], "shapes": [[4, 8]]}])
+
+
+def test_sweep_file_exponents_are_floats_and_bad_values_named(tmp_path):
+    f = tmp_path / "sweep.yaml"
+    f.write_text("grids:\n  - layers: [{type: layer_norm, eps: 1e-5}, {name: bn3, type: batch_norm, eps: 1E-3}]\n"
+                 "    shapes: [[2, 8, 4]]\n    offsets: [0, 1e3]\n    tolerances: {float32: 2e-6}\n"
+                 "    compiled: [false]\n")
+    cases = grid.load(f, "equivalence").cases
+    eps = {c.layer: c.spec_dict["eps"] for c in cases}
+    assert eps == {"layer_norm(eps=1e-05)": 1e-5, "bn3": 1e-3} and all(type(e) is float for e in eps.values())
+    assert {c.offset for c in cases} == {0.0, 1e3} and {c.tolerance for c in cases} == {2e-6}
+    f.write_text("grids:\n  - layers: [{type: layer_norm, eps: abc}]\n    shapes: [[2, 8]]\n")
+    with pytest.raises(grid.SweepError) as err:
+        grid.load(f, "equivalence")
+    msg = str(err.value)
+    assert msg.startswith(f"{f}: grids[0].layers: bad layer") and "eps" in msg and "'abc'" in msg, msg

@@ -103,6 +103,9 @@ def test_load_user_presets(tmp_path):
      r"bad\.yaml: line 4: preset 'bad'.*no argument 'momentm'"),
     ("bad: 3\n", r"bad\.yaml: line 1: preset 'bad'.*a spec is a mapping"),
     ("bad: nowhere\n", r"bad\.yaml: line 1: alias 'bad' names unknown preset 'nowhere'"),
+    ("bad:\n  type: layer_norm\n  eps: abc\n", r"bad\.yaml: line 3: preset 'bad'.*eps.*a number.*'abc'"),
+    ("bad:\n  type: batch_norm\n  eps: 1e-5\n  momentum: [0.1]\n",
+     r"bad\.yaml: line 4: preset 'bad'.*momentum.*a number.*\[0\.1\]"),
 ])
 def test_malformed_preset_file_names_file_and_line(tmp_path, text, msg):
     f = tmp_path / "bad.yaml"
@@ -123,3 +126,26 @@ def test_describe_rows_for_normzoo_list():
     assert rows["gn1"]["type"] == "group_norm" and "num_groups=1" in rows["gn1"]["arguments"]
     assert rows["gn"]["description"] == "alias of group_norm"
     assert rows["rms"]["type"] == "rms_norm" and rows["ln2d"]["type"] == "layer_norm2d"
+
+
+def test_yaml_exponents_without_a_dot_are_floats(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-5` as the string "1e-5"; normzoo's loader reads it as YAML 1.2 does."""
+    data = registry.load_yaml("a: 1e-5\nb: 1E5\nc: -2e-3\nd: +3e+2\ne: 1.0e-5\nf: 7\ng: 1e\nh: e5\ni: .5e-3\n")
+    assert data == {"a": 1e-5, "b": 1e5, "c": -2e-3, "d": 300.0, "e": 1e-5, "f": 7, "g": "1e", "h": "e5", "i": 5e-4}
+    assert [type(data[k]) for k in "abcdefgh"] == [float] * 5 + [int, str, str]
+    f = tmp_path / "exp.yaml"
+    f.write_text("ln_e5:\n  type: layer_norm\n  eps: 1e-5\nbn_e3:\n  type: batch_norm\n  eps: 1E-3\n")
+    assert normzoo.load_presets(f) == ["ln_e5", "bn_e3"]
+    ln, bn = normzoo.build("ln_e5", 8, compile=False), normzoo.build("bn_e3", 8, compile=False)
+    assert type(ln.eps) is float and ln.eps == 1e-5 and type(bn.eps) is float and bn.eps == 1e-3
+
+
+def test_spec_values_that_are_no_numbers_are_refused():
+    with pytest.raises(PresetError, match=r"layer_norm takes eps as a number.*got '1e-5'"):
+        normzoo.build({"type": "layer_norm", "eps": "1e-5"}, 8)
+    with pytest.raises(PresetError, match=r"spec 'bn': batch_norm takes momentum as a number.*got True"):
+        normzoo.build("bn", 8, momentum=True)
+    assert normzoo.build("bn", 8, momentum=None, compile=False).momentum is None  # cumulative average
+    assert normzoo.build("rms", 8, eps=None, compile=False).eps is None  # the dtype's eps
+    with pytest.raises(PresetError, match=r"layer_norm takes eps as a number.*got None"):
+        normzoo.build("ln", 8, eps=None)

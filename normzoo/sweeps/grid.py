@@ -166,7 +166,7 @@ def _check_choices(values, choices, where: str, what: str) -> list:
 def _number(v, where: str) -> float:
     if isinstance(v, bool):
         raise SweepError(f"{where}: {v!r} is not a number")
-    try:  # YAML 1.1 reads 1e3 (no dot) as a string
+    try:  # a str from a dict given in Python (files read 1e3 as a float: registry.load_yaml)
         out = float(v)
     except (TypeError, ValueError):
         raise SweepError(f"{where}: {v!r} is not a number") from None
@@ -251,14 +251,15 @@ def _check_user_shape(user, shape: tuple, where: str, label: str) -> None:
 def _load_yaml(path: str | Path | None, kind: str) -> tuple[Any, str]:
     if path is None:
         name = DEFAULT_CONFIG[kind]
-        return yaml.safe_load(resources.files("normzoo.configs").joinpath(name).read_text()), f"normzoo/configs/{name}"
+        text = resources.files("normzoo.configs").joinpath(name).read_text()
+        return registry.load_yaml(text), f"normzoo/configs/{name}"
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as err:
         raise SweepError(f"{path}: cannot read sweep file ({err.strerror})") from None
     try:
-        return yaml.safe_load(text), str(path)
+        return registry.load_yaml(text), str(path)  # 1e-5 is a float (YAML 1.2)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}:" if mark is not None else ""
