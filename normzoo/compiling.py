@@ -32,6 +32,12 @@ from . import engine
 
 ENV_COMPILE = "NORMZOO_COMPILE"
 ENV_CACHE_SIZE = "NORMZOO_CACHE_SIZE"
+ENV_DYNAMIC_BATCH = "NORMZOO_DYNAMIC_BATCH"
+
+
+def dynamic_batch_enabled() -> bool:
+    """False when NORMZOO_DYNAMIC_BATCH is 0/false/off/no: then every batch size compiles its own kernel."""
+    return os.environ.get(ENV_DYNAMIC_BATCH, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def compile_enabled() -> bool:
@@ -90,14 +96,19 @@ def _backward_entry(spec, needs, x, weight, bias, shift, mean_d, rstd, dy):
 class _Compiled:
     """One function compiled for one signature: dynamo + Inductor for the first call, then Inductor's callable
     directly (our signature key is the guard). Each instance compiles a fresh copy of the entry's code object:
-    dynamo caches per code object, so its recompile limit is never reached."""
+    dynamo caches per code object, so its recompile limit is never reached.
 
-    def __init__(self, entry, n_static: int):
+    `dynamic` names, per tensor argument, the dims compiled as symbolic sizes (the batch dims of the shape policy
+    below); the direct call then passes their sizes too.
+    """
+
+    def __init__(self, entry, n_static: int, n_outputs: int, dynamic: dict[int, tuple[int, ...]] | None = None):
         code = entry.__code__.replace(co_name=f"normzoo_{entry.__name__.strip('_')}_{next(_tags)}")
-        names = code.co_varnames[n_static:code.co_argcount]
-        self.placeholder_index = {f"l_{name}_": i for i, name in enumerate(names)}  # dynamo's names for them
+        self.arg_names = code.co_varnames[n_static:code.co_argcount]
+        self.dynamic = dynamic or {}
+        self.n_outputs = n_outputs  # the tensors the entry returns (its None results are not graph outputs)
         self.direct = None
-        self.arg_index: list[int] = []
+        self.getters: list[tuple[int, int | None]] = []  # per graph input: (tensor argument, size dim or None)
         fn = types.FunctionType(code, entry.__globals__, code.co_name)
         self.traced = torch.compile(fn, backend=self._backend, dynamic=False, fullgraph=True)
 
@@ -105,14 +116,35 @@ class _Compiled:
         from torch._inductor.compile_fx import compile_fx
 
         compiled = compile_fx(gm, example_inputs)
-        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        if all(name in self.placeholder_index for name in names):  # else keep going through dynamo
-            self.direct, self.arg_index = compiled, [self.placeholder_index[name] for name in names]
+        getters = [self._getter(n) for n in gm.graph.nodes if n.op == "placeholder"]
+        outputs = gm.graph.output_node().args[0]
+        # the direct call returns the graph's outputs: only when they are exactly the entry's tensor results
+        # (an output that is an input, say, would be returned by dynamo's code, not by the graph)
+        if all(g is not None for g in getters) and len(outputs) == self.n_outputs:  # else keep going through dynamo
+            self.direct, self.getters = compiled, getters
         return compiled
+
+    def _getter(self, node):
+        """Where a graph input comes from: one of our tensor arguments, or one of its sizes (a symbolic dim)."""
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        base = getattr(source, "base", None)
+        if type(source).__name__ == "LocalSource" and source.local_name in self.arg_names:
+            return self.arg_names.index(source.local_name), None
+        if (type(source).__name__ == "TensorPropertySource" and source.prop.name == "SIZE"
+                and getattr(base, "local_name", None) in self.arg_names):
+            return self.arg_names.index(base.local_name), source.idx
+        return None
 
     def __call__(self, static: tuple, tensors: tuple):
         if self.direct is not None:
-            return self.direct(*[tensors[i] for i in self.arg_index])
+            return self.direct(*[tensors[i] if d is None else tensors[i].shape[d] for i, d in self.getters])
+        if self.dynamic:  # mark on aliases, so the caller's tensors carry no dynamo markings afterwards
+            tensors = list(tensors)
+            for i, dims in self.dynamic.items():
+                tensors[i] = tensors[i].view(tensors[i].shape)
+                torch._dynamo.mark_dynamic(tensors[i], list(dims))
+            with torch.fx.experimental._config.patch(use_duck_shape=False):  # equal sizes stay separate symbols
+                return self.traced(*static, *tensors)
         return self.traced(*static, *tensors)
 
 
@@ -120,8 +152,9 @@ class _Kernel:
     """A signature's forward (an inference graph: statistics + normalize) and its backward graphs, one per set of
     needed gradients and dy signature, each compiled the first time it is asked for."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, batch_dims: tuple[int, ...]):
         self.spec = spec
+        self.batch_dims = batch_dims  # x's dims compiled as symbolic sizes
         self.compiled_forward: _Compiled | None = None
         self.backwards: dict = {}
 
@@ -129,7 +162,7 @@ class _Kernel:
         if self.compiled_forward is None:
             with _state.lock:
                 if self.compiled_forward is None:
-                    compiled = _Compiled(_forward_entry, 1)
+                    compiled = _Compiled(_forward_entry, 1, 4, {0: self.batch_dims} if self.batch_dims else None)
                     try:
                         out = _first_call(compiled, (self.spec,), tensors)
                     except Exception as err:  # noqa: BLE001 - any compiler failure: fall back loudly, never silently
@@ -142,17 +175,25 @@ class _Kernel:
         return self.compiled_forward((self.spec,), tensors)
 
     def backward(self, needs, tensors: tuple):
-        key = (needs, _signature(tensors[-1]))
+        """tensors: (x, weight, bias, shift, mean_d, rstd, dy)."""
+        key = (needs, _signature(tensors[-1], self.batch_dims))
         compiled = self.backwards.get(key)
         if compiled is None:
             with _state.lock:
                 compiled = self.backwards.get(key)
                 if compiled is None:
-                    compiled = _Compiled(_backward_entry, 2)
+                    x = tensors[0]  # x, dy and the per-sample statistics share the batch dims
+                    per_sample = {i: self.batch_dims for i in (0, 3, 4, 5, 6) if self.batch_dims and tensors[i].dim()
+                                  == x.dim() and all(tensors[i].shape[d] == x.shape[d] for d in self.batch_dims)}
+                    compiled = _Compiled(_backward_entry, 2, sum(needs), per_sample)
                     out = _first_call(compiled, (self.spec, needs), tensors)
                     self.backwards[key] = compiled
                     return out
-        return compiled((self.spec, needs), tensors)
+        out = compiled((self.spec, needs), tensors)
+        if compiled.direct is None:
+            return out
+        results = iter(out)  # the graph returns the needed gradients only
+        return tuple(next(results) if need else None for need in needs)
 
 
 class _CompiledNorm(torch.autograd.Function):
@@ -179,10 +220,31 @@ class _CompiledNorm(torch.autograd.Function):
         return (None,) + tuple(grads) + (None, None, None)
 
 
-def _signature(t: Tensor | None):
+def _signature(t: Tensor | None, batch_dims: tuple[int, ...] = ()):
+    """What a compiled kernel depends on: shape (None at the batch dims), layout, dtype, device."""
     if t is None:
         return None
+    if batch_dims:  # only for dense layouts: their strides follow from the shape
+        layout = "channels_last" if t.dim() in (4, 5) and not t.is_contiguous() else "contiguous"
+        return (tuple(None if d in batch_dims else n for d, n in enumerate(t.shape)), layout, t.dtype, t.device)
     return (tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+def batch_dims(spec: engine.NormSpec, x: Tensor) -> tuple[int, ...]:
+    """The dims of x one kernel serves at every size (the shape policy): the batch dim, and for layer norms every
+    dim outside the normalized ones (rows, sequence lengths). Measured on an AVX-512 Xeon: symbolic batch and row
+    counts run at the static kernel's speed, while symbolic spatial sizes ran 6-7x slower, so those stay static.
+    Dims of size 1 stay static (dynamo specializes them), and so do inputs of any other layout than contiguous
+    or channels_last (their strides are part of the signature)."""
+    if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))):
+        return ()
+    if spec.groups is None:
+        reduced = spec.layer_dims(x.dim())
+        candidates = [d for d in range(x.dim()) if d not in reduced and (d == 0 or reduced != (1,))]
+    else:
+        candidates = [0]
+    return tuple(d for d in candidates if x.shape[d] >= 2)
 
 
 def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, running_var=None, momentum=None,
@@ -198,10 +260,11 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
         or engine.under_functorch()  # torch.func: the engine's plain differentiable ops
     ):
         return engine.forward(spec, *args)
-    key = (spec, torch.is_inference_mode_enabled()) + tuple(_signature(t) for t in args)
+    dims = batch_dims(spec, x) if dynamic_batch_enabled() else ()
+    key = (spec, torch.is_inference_mode_enabled(), _signature(x, dims)) + tuple(_signature(t) for t in args[1:])
     kernel = _state.kernels.get(key)
     if kernel is None:
-        return _compile_and_run(key, spec, args)
+        return _compile_and_run(key, spec, args, dims)
     _state.kernels.move_to_end(key)
     return _apply(kernel, args)
 
@@ -222,7 +285,7 @@ def _first_call(compiled: _Compiled, static: tuple, tensors: tuple):
     return out
 
 
-def _compile_and_run(key, spec, args) -> Tensor:
+def _compile_and_run(key, spec, args, dims) -> Tensor:
     """A signature seen for the first time: one kernel object, even when several threads meet it at once (its
     graphs compile on first use, under the same lock)."""
     with _state.lock:
@@ -232,7 +295,7 @@ def _compile_and_run(key, spec, args) -> Tensor:
                 from torch._inductor import inductor_prims  # noqa: F401  (registers the op)
 
                 engine.STORE_OP = torch.ops.prims.inductor_force_stride_order
-            kernel = _state.kernels[key] = _Kernel(spec)
+            kernel = _state.kernels[key] = _Kernel(spec, dims)
             while len(_state.kernels) > _max_cache_size():
                 _state.kernels.popitem(last=False)
                 _state.evictions += 1

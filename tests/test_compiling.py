@@ -33,8 +33,10 @@ def test_compile_false_and_env_var_turn_compilation_off(monkeypatch):
 
 
 def test_many_shapes_never_hit_dynamos_recompile_limit(monkeypatch):
-    """12 shapes through one layer: 12 static kernels, none falling back to eager after dynamo's 8."""
+    """12 shapes through one layer with static kernels only: 12 kernels, none falling back to eager after
+    dynamo's 8."""
     monkeypatch.setenv("NORMZOO_CACHE_SIZE", "5")
+    monkeypatch.setenv("NORMZOO_DYNAMIC_BATCH", "0")
     m = normzoo.LayerNorm(8)
     graphs = counters["stats"]["unique_graphs"]
     before = compiling.cache_info()
@@ -112,7 +114,7 @@ def test_concurrent_first_calls_compile_once_per_signature():
     """Four threads meet three new signatures at once: three forward compiles, right answers in every thread."""
     import threading
 
-    shapes = [(2, 6, 5, 3), (3, 6, 5, 3), (4, 6, 5, 3)]
+    shapes = [(2, 6, 5, 3), (2, 6, 5, 4), (2, 6, 5, 6)]  # three spatial sizes: three kernels
     inputs = [torch.randn(s) for s in shapes]
     layer = normzoo.GroupNorm(3, 6)
     before = compiling.cache_info()["compiles"]
@@ -134,3 +136,30 @@ def test_concurrent_first_calls_compile_once_per_signature():
         t.join()
     assert not errors, errors
     assert compiling.cache_info()["compiles"] - before == 3
+
+
+def test_one_kernel_serves_every_sequence_length_and_batch_size():
+    """The shape policy: layer norms compile once for every row count, channel norms once for every batch size
+    (>= 2), forward and backward, with the right answer at each size; spatial sizes still get their own kernel."""
+    ln = normzoo.LayerNorm(24)
+    before = compiling.cache_info()["compiles"]
+    for length in range(2, 102):  # 100 distinct sequence lengths, batch 3
+        x = torch.randn(3, length, 24, requires_grad=True)
+        y = ln(x)
+        (gx,) = torch.autograd.grad(y.square().sum(), x)
+        xr = x.detach().requires_grad_()
+        yr = nn.functional.layer_norm(xr, (24,), ln.weight, ln.bias)
+        (gr,) = torch.autograd.grad(yr.square().sum(), xr)
+        torch.testing.assert_close(y, yr)
+        torch.testing.assert_close(gx, gr)
+    assert compiling.cache_info()["compiles"] - before == 2  # one forward, one backward
+
+    gn = normzoo.GroupNorm(2, 6)
+    before = compiling.cache_info()["compiles"]
+    with torch.no_grad():
+        for n in (2, 3, 7, 4):
+            x = torch.randn(n, 6, 5, 4)
+            torch.testing.assert_close(gn(x), nn.functional.group_norm(x, 2, gn.weight, gn.bias))
+        assert compiling.cache_info()["compiles"] - before == 1
+        gn(torch.randn(3, 6, 4, 4))  # another spatial size: its own kernel
+        assert compiling.cache_info()["compiles"] - before == 2

@@ -191,7 +191,10 @@ def test_sequence_case_compiled(tmp_path, capsys):
         assert all(t > 0 for t in c["times_ms"].values()) and c["note"].startswith("torch.compile (dynamic=None)")
         assert set(c["agreement"]) == {"torch_compiled", "normzoo"}
         zc, tc = c["compiles"]["normzoo"], c["compiles"]["torch_compiled"]
-        assert zc["first_pass"] == 3 and zc["warm_pass"] == 0 and zc["evictions"] == 0  # 3 distinct shapes
+        # 2 spatial sizes (batch sizes share a kernel): a forward kernel each in the forward case, then a backward
+        # kernel each in the forward_backward case (whose forwards are the same kernels)
+        assert zc["first_pass"] == 2
+        assert zc["warm_pass"] == 0 and zc["evictions"] == 0
         assert zc["compile_seconds"] > 0 and c["compile_s"]["normzoo"] >= zc["compile_seconds"]
         assert 1 <= tc["first_pass"] <= 3 and tc["warm_pass"] == 0
         assert c["no_eager_fallback"] is True
