@@ -30,14 +30,11 @@ def _sweep(args, kind: str) -> int:
         from .sweeps import speed as mod
     else:
         from .sweeps import equivalence as mod
-    extra = {}
-    if kind == "speed":
-        err = mod.check_device(args.device)
-        if err:
-            return _fail(err)
-        if args.plot and not mod.plot_available():
-            return _fail("--plot needs matplotlib: pip install 'normzoo[plot]' (or pip install matplotlib)")
-        extra["device"] = args.device
+    err = grid.check_device(args.device)
+    if err:
+        return _fail(err)
+    if kind == "speed" and args.plot and not mod.plot_available():
+        return _fail("--plot needs matplotlib: pip install 'normzoo[plot]' (or pip install matplotlib)")
     try:
         sweep = grid.load(args.config, kind)
     except grid.SweepError as err:
@@ -47,7 +44,7 @@ def _sweep(args, kind: str) -> int:
         if args.output:
             rp.write(args.output, rp.render(report, args.format, mod.COLUMNS))
 
-    report, interrupted = mod.run(sweep, on_update=on_update, **extra)
+    report, interrupted = mod.run(sweep, on_update=on_update, device=args.device)
     if args.output:
         print(f"{rp.summary_line(report)}; {args.format} report written to {args.output}")
     else:
@@ -99,6 +96,7 @@ process, as `python file.py` would): check only files you trust."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sweeps.grid import DEVICES
     from .sweeps.report import FORMATS
 
     parser = argparse.ArgumentParser(prog="normzoo", description=__doc__)
@@ -117,8 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"sweep YAML file (default: the embedded configs/{kind}.yaml)")
         p.add_argument("--format", choices=FORMATS, default="table")
         p.add_argument("--output", metavar="PATH", help="write the report here, rewritten after each case")
+        p.add_argument("--device", choices=list(DEVICES), default="cpu",
+                       help="where the layers run (cuda: exit 2 if no GPU is visible)"
+                       + ("; the float64 oracle runs on the CPU from the same inputs" if kind == "equivalence" else ""))
         if kind == "speed":
-            p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
             p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the ratios (needs matplotlib)")
         p.set_defaults(func=lambda args, kind=kind: _sweep(args, kind))
 

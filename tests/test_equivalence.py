@@ -189,6 +189,14 @@ def test_cli_exit_2_names_the_problem(tmp_path, capsys):
     assert cli.main(["equivalence", str(tmp_path / "nope.yaml")]) == 2
 
 
+def test_cli_device_cuda_without_cuda_exit_2(sweep_file, monkeypatch, capsys):
+    """--device cuda where CUDA is not available: exit 2 before anything runs, the message naming the device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["equivalence", str(sweep_file), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "CUDA is not available" in err and "Traceback" not in err
+
+
 def test_interrupt_keeps_finished_cases(sweep_file, tmp_path, monkeypatch, capsys):
     real, calls = eq.run_case, []
 

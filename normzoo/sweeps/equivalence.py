@@ -12,6 +12,11 @@ about eps * |x| / std in the normalized output, so an input with mean 1e3 and st
 the error of a centred one.
 
 Verdicts: PASS (zoo within tolerance), TORCH-OFF (zoo within, torch not), FAIL (zoo outside, or it raised).
+
+Devices (`device="cuda"`, `normzoo equivalence --device cuda`): inputs, upstream gradients and parameter values are
+drawn on the CPU (the same numbers on every device), copied to the device for the zoo and torch.nn, and the oracle
+runs in float64 on the CPU from those CPU copies. So a cpu and a cuda report measure against bit-identical oracle
+values, and the oracle shares no kernel with the device under test. Errors are computed on the oracle's side.
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ TOLERANCE_RULE = ("error = max|got - oracle| / max|oracle|, for the output, each
 
 
 def rel_err(a: Tensor | None, ref: Tensor | None) -> float | None:
-    """max |a - ref| / max |ref| in float64; inf if a has a non-finite value where ref does not."""
+    """max |a - ref| / max |ref| in float64, on ref's device (a is copied there: the oracle's values live on the CPU);
+    inf if a has a non-finite value where ref does not."""
     if a is None or ref is None:
         return None
-    a, ref = a.detach().to(torch.float64), ref.detach().to(torch.float64)
+    ref = ref.detach().to(torch.float64)
+    a = a.detach().to(device=ref.device, dtype=torch.float64)
     if not torch.isfinite(a).all():
         return math.inf
     scale = ref.abs().max().item()
@@ -85,12 +92,14 @@ def tolerance(base: float, x: Tensor) -> float:
 
 
 def _oracle(ref: Reference, steps: list[Tensor], x: Tensor, dy: Tensor, training: bool) -> dict:
+    """The oracle's output, gradients and running statistics for steps then x, in float64 on the oracle's device
+    (the CPU: x and dy are copied there when they are on another device)."""
     for s in steps:
         ref.forward(s, training)
-    x64 = x.detach().to(torch.float64).requires_grad_(True)
+    x64 = x.detach().to(device=ref.device, dtype=torch.float64).requires_grad_(True)
     y = ref.forward(x64, training)
     params = ref.params()
-    grads = torch.autograd.grad(y, [x64] + params, dy.to(torch.float64))
+    grads = torch.autograd.grad(y, [x64] + params, dy.to(device=ref.device, dtype=torch.float64))
     out = {"y": y.detach(), "dx": grads[0]}
     names = [n for n, p in (("weight", ref.weight), ("bias", ref.bias)) if p is not None and p.requires_grad]
     out.update({f"d{n}": g for n, g in zip(names, grads[1:])})
@@ -105,9 +114,13 @@ def _errors(got: dict | None, want: dict) -> dict | None:
     return {k: rel_err(got.get(k), v) for k, v in want.items()}
 
 
-def run_case(case: Case, seed: int = 0) -> dict:
-    """Measure one case; never raises for a layer's failure (a zoo exception is a FAIL with its message)."""
+def run_case(case: Case, seed: int = 0, device: str | torch.device = "cpu") -> dict:
+    """Measure one case on `device`; never raises for a layer's failure (a zoo exception is a FAIL with its message).
+
+    The data are drawn on the CPU and copied to the device; the oracle and the tolerance use the CPU copies.
+    """
     dtype = DTYPES[case.dtype]
+    device = torch.device(device)
     fmt = memory_format(case.layout, len(case.shape))
     gen = torch.Generator().manual_seed(seed)
 
@@ -116,7 +129,7 @@ def run_case(case: Case, seed: int = 0) -> dict:
         return t.to(dtype).contiguous(memory_format=fmt)
 
     training = case.mode == "train"
-    zoo = case.build().to(dtype)
+    zoo = case.build(device).to(dtype)
     frozen = isinstance(zoo, FrozenBatchNorm2d)
     with torch.no_grad():  # a non-trivial affine (and running statistics near the data where they are used)
         for name in ("weight", "bias"):
@@ -133,7 +146,8 @@ def run_case(case: Case, seed: int = 0) -> dict:
     if case.user is not None:  # a user's layer (normzoo check): measured in the zoo's place, with its values
         from ..check import prepare_user
 
-        measured, tensors, _ = prepare_user(case.user.factory(), zoo, case.shape, dtype, training)
+        make = case.user.factory()
+        measured, tensors, _ = prepare_user(lambda: _on(make(), device), zoo, case.shape, dtype, training)
     theirs = torch_counterpart(zoo, len(case.shape))
     ref = Reference(zoo, dtype)
     bn_train = training and getattr(zoo, "running_mean", None) is not None and not frozen
@@ -141,16 +155,17 @@ def run_case(case: Case, seed: int = 0) -> dict:
     x = sample(case.offset)
     dy = torch.randn(case.shape, generator=gen, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
 
-    want = _oracle(ref, steps, x, dy, training)
+    want = _oracle(ref, steps, x, dy, training)  # on the CPU copies
+    steps_d, x_d, dy_d = ([_on(t, device, fmt) for t in steps], _on(x, device, fmt), _on(dy, device, fmt))
     notes = []
     try:
-        got_zoo = _run(measured, measured, steps, x, dy, tensors)
+        got_zoo = _run(measured, measured, steps_d, x_d, dy_d, tensors)
     except Exception as err:  # noqa: BLE001 - the sweep reports it as this case's FAIL and goes on
         got_zoo = None
         who = "normzoo" if case.user is None else case.layer
         notes.append(f"{who} raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     try:
-        got_torch = _run(theirs, norm_of(theirs), steps, x, dy)
+        got_torch = _run(theirs, norm_of(theirs), steps_d, x_d, dy_d)
     except Exception as err:  # noqa: BLE001 - torch lacking a kernel is a finding, not our failure
         got_torch = None
         notes.append(f"torch raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
@@ -193,6 +208,16 @@ def run_case(case: Case, seed: int = 0) -> dict:
         "verdict": verdict,
         "note": "; ".join(notes) or None,
     }
+
+
+def _on(t, device: torch.device, fmt=None):
+    """t on `device` (a tensor keeps its memory format; a user's module is moved); the object itself on the CPU."""
+    if device.type == "cpu" or t is None:
+        return t
+    if isinstance(t, Tensor):
+        out = t.to(device)
+        return out if fmt is None else out.contiguous(memory_format=fmt)
+    return t.to(device) if isinstance(t, torch.nn.Module) else t
 
 
 def build_report(sweep: Sweep, results: list[dict], interrupted: bool = False, env: dict | None = None) -> dict:
@@ -238,11 +263,12 @@ def label(case: Case) -> str:
             f"{case.mode} {'compiled' if case.compiled else 'eager'}")
 
 
-def run(sweep: Sweep, on_update=lambda report: None, progress: rp.Progress | None = None) -> tuple[dict, bool]:
-    """Run every case; returns (report, interrupted)."""
-    env = rp.environment()  # once, at the start: the date and load the sweep began with
-    return rp.drive(sweep.cases, run_case, lambda res, intr: build_report(sweep, res, intr, env), on_update,
-                    label=label, progress=progress)
+def run(sweep: Sweep, on_update=lambda report: None, progress: rp.Progress | None = None,
+        device: str = "cpu") -> tuple[dict, bool]:
+    """Run every case on `device` (cpu or cuda; see grid.check_device); returns (report, interrupted)."""
+    env = rp.environment(device)  # once, at the start: the date and load the sweep began with
+    return rp.drive(sweep.cases, lambda case: run_case(case, device=device),
+                    lambda res, intr: build_report(sweep, res, intr, env), on_update, label=label, progress=progress)
 
 
 def exit_status(report: dict) -> int:

@@ -70,6 +70,20 @@ class SweepError(ValueError):
     """A bad sweep file; the message names the file, the key and the value."""
 
 
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: str) -> str | None:
+    """Why the sweeps cannot run on `device` (cpu or cuda), as a message naming it; None when they can."""
+    if device not in DEVICES:
+        return f"--device {device}: unknown device; choose from {', '.join(DEVICES)}"
+    if device == "cuda" and not torch.cuda.is_available():
+        why = (f"this torch ({torch.__version__}) is a CPU-only build" if torch.version.cuda is None
+               else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU on this machine")
+        return f"--device cuda: CUDA is not available: {why}; run with --device cpu, or on a machine with a GPU"
+    return None
+
+
 def default_tolerance(dtype: str) -> float:
     return K_TOL * torch.finfo(DTYPES[dtype]).eps
 

@@ -99,8 +99,15 @@ def _device(m: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+# The oracle always computes on the CPU: the same values whichever device the layer under test runs on (a cpu and a
+# cuda report are checked against identical numbers), and no kernel shared with that device. The equivalence
+# sweeps' inputs are small; the speed sweep asks it only where a contender disagrees with torch eager.
+ORACLE_DEVICE = torch.device("cpu")
+
+
 def _f64(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach().to(torch.float64)
+    """A float64 copy on the oracle's device (the CPU), whatever device the layer is on."""
+    return None if t is None else t.detach().to(device=ORACLE_DEVICE, dtype=torch.float64)
 
 
 def _normalize(x: Tensor, dims: tuple[int, ...], eps: float, *, unbiased: bool = False,
@@ -132,6 +139,8 @@ class Reference:
 
     Running buffers (BatchNorm) evolve across calls exactly as the layer's should: EMA with momentum of the batch
     mean and the unbiased batch variance, or the cumulative average when momentum is None.
+    Everything lives on ORACLE_DEVICE (the CPU), whatever the layer's device: `forward` copies its input there
+    (differentiably) and returns CPU tensors.
     `dtype`: the dtype the layer is fed (the oracle is fed float64), for RMSNorm's eps=None, which means
     torch.finfo of the dtype the arithmetic runs in (float32 for float16/bfloat16); default: the layer's parameters'.
     """
@@ -151,12 +160,13 @@ class Reference:
         self.running_mean = _f64(getattr(zoo, "running_mean", None))
         self.running_var = _f64(getattr(zoo, "running_var", None))
         self.batches = 0
+        self.device = ORACLE_DEVICE
 
     def params(self) -> list[Tensor]:
         return [p for p in (self.weight, self.bias) if p is not None and p.requires_grad]
 
     def forward(self, x: Tensor, training: bool) -> Tensor:
-        z, x = self.zoo, x.to(torch.float64)
+        z, x = self.zoo, x.to(device=self.device, dtype=torch.float64)
         n, c = x.shape[0], x.shape[1] if x.dim() > 1 else None
         if isinstance(z, zl.GroupNorm):
             xg = x.reshape(n, z.num_groups, -1)

@@ -38,19 +38,12 @@ from . import report as rp
 from . import equivalence
 from .equivalence import rel_err
 from .. import compiling
-from .grid import DTYPES, Case, Sweep, format_shape, memory_format
+from .grid import DTYPES, Case, Sweep, check_device, format_shape, memory_format  # noqa: F401 (check_device)
 from .oracle import Reference, norm_of, torch_counterpart
 
 CONTENDERS = ("torch", "torch_compiled", "normzoo", "copy")
 BLOCK_S = 0.05  # seconds per timing block per contender
 TRAFFIC = {"forward": 2, "forward_backward": 5}  # tensors of x's size read or written, at the least
-
-
-def check_device(device: str) -> str | None:
-    """An error message if the device cannot run, else None."""
-    if device == "cuda" and not torch.cuda.is_available():
-        return "--device cuda: CUDA is not available in this torch build or on this machine"
-    return None
 
 
 def plot_available() -> bool:
