@@ -51,6 +51,7 @@ def compile_enabled() -> bool:
 class _State:
     kernels: OrderedDict = field(default_factory=OrderedDict)  # signature -> compiled callable
     compiles: int = 0
+    hits: int = 0
     compile_seconds: float = 0.0
     evictions: int = 0
     broken: str | None = None  # why compilation was turned off, once it failed
@@ -69,15 +70,18 @@ def _max_cache_size() -> int:
 
 
 def cache_info() -> dict:
-    """Kernels held, compiles done and the seconds they took (first calls), evictions, and why compile is off."""
-    return {
-        "signatures": len(_state.kernels),
-        "max_signatures": _max_cache_size(),
-        "compiles": _state.compiles,
-        "compile_seconds": round(_state.compile_seconds, 3),
-        "evictions": _state.evictions,
-        "compile_disabled_reason": _state.broken,
-    }
+    """Signatures held, calls that found their kernel (hits), compiled graphs (a forward, and a backward per set of
+    needed gradients) and the seconds their first calls took, evictions, and why compilation is off."""
+    with _state.lock:
+        return {
+            "signatures": len(_state.kernels),
+            "max_signatures": _max_cache_size(),
+            "hits": _state.hits,
+            "compiles": _state.compiles,
+            "compile_seconds": round(_state.compile_seconds, 3),
+            "evictions": _state.evictions,
+            "compile_disabled_reason": _state.broken,
+        }
 
 
 def clear_cache() -> None:
@@ -155,45 +159,58 @@ class _Kernel:
     def __init__(self, spec, batch_dims: tuple[int, ...]):
         self.spec = spec
         self.batch_dims = batch_dims  # x's dims compiled as symbolic sizes
-        self.compiled_forward: _Compiled | None = None
-        self.backwards: dict = {}
+        self.compiled: dict = {}  # "forward", or (needs, dy signature) -> _Compiled
 
     def forward(self, tensors: tuple):
-        if self.compiled_forward is None:
-            with _state.lock:
-                if self.compiled_forward is None:
-                    compiled = _Compiled(_forward_entry, 1, 4, {0: self.batch_dims} if self.batch_dims else None)
-                    try:
-                        out = _first_call(compiled, (self.spec,), tensors)
-                    except Exception as err:  # noqa: BLE001 - any compiler failure: fall back loudly, never silently
-                        if not _is_compiler_failure(err):
-                            raise
-                        _turn_compile_off(err)
-                        return engine.forward_inference(self.spec, *tensors)
-                    self.compiled_forward = compiled
-                    return out
-        return self.compiled_forward((self.spec,), tensors)
+        compiled = self.compiled.get("forward")
+        if compiled is None:
+            make = lambda: _Compiled(_forward_entry, 1, 4, {0: self.batch_dims} if self.batch_dims else None)  # noqa
+            compiled, out = self._obtain("forward", make, (self.spec,), tensors)
+            if compiled is None:  # compilation is off (a compiler failure): this call runs eagerly
+                return engine.forward_inference(self.spec, *tensors)
+            if out is not None:
+                return out
+        return compiled((self.spec,), tensors)
 
     def backward(self, needs, tensors: tuple):
         """tensors: (x, weight, bias, shift, mean_d, rstd, dy)."""
         key = (needs, _signature(tensors[-1], self.batch_dims))
-        compiled = self.backwards.get(key)
+        compiled = self.compiled.get(key)
         if compiled is None:
-            with _state.lock:
-                compiled = self.backwards.get(key)
-                if compiled is None:
-                    x = tensors[0]  # x, dy and the per-sample statistics share the batch dims
-                    per_sample = {i: self.batch_dims for i in (0, 3, 4, 5, 6) if self.batch_dims and tensors[i].dim()
-                                  == x.dim() and all(tensors[i].shape[d] == x.shape[d] for d in self.batch_dims)}
-                    compiled = _Compiled(_backward_entry, 2, sum(needs), per_sample)
-                    out = _first_call(compiled, (self.spec, needs), tensors)
-                    self.backwards[key] = compiled
-                    return out
+            x = tensors[0]  # x, dy and the per-sample statistics share the batch dims
+            per_sample = {i: self.batch_dims for i in (0, 3, 4, 5, 6) if self.batch_dims and tensors[i].dim()
+                          == x.dim() and all(tensors[i].shape[d] == x.shape[d] for d in self.batch_dims)}
+            make = lambda: _Compiled(_backward_entry, 2, sum(needs), per_sample)  # noqa: E731
+            compiled, out = self._obtain(key, make, (self.spec, needs), tensors)
+            if compiled is None:
+                return engine.backward(self.spec, needs, *tensors)
+            if out is not None:
+                return out
         out = compiled((self.spec, needs), tensors)
         if compiled.direct is None:
             return out
         results = iter(out)  # the graph returns the needed gradients only
         return tuple(next(results) if need else None for need in needs)
+
+    def _obtain(self, key, make, static: tuple, tensors: tuple):
+        """Compile what `key` names, once (under the lock: concurrent first calls wait for the one compile).
+        Returns (compiled, output of the compiling call), or (None, None) when compilation is off: then this call
+        runs eagerly."""
+        with _state.lock:
+            if key in self.compiled:
+                return self.compiled[key], None
+            if not compile_enabled():
+                return None, None
+            compiled = make()
+            try:
+                out = _first_call(compiled, static, tensors)
+            except Exception as err:  # noqa: BLE001 - any compiler failure: fall back loudly, never silently
+                if not _is_compiler_failure(err):
+                    raise
+                _turn_compile_off(err)
+                return None, None
+            self.compiled[key] = compiled
+            return compiled, out
 
 
 class _CompiledNorm(torch.autograd.Function):
@@ -266,6 +283,7 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
     if kernel is None:
         return _compile_and_run(key, spec, args, dims)
     _state.kernels.move_to_end(key)
+    _state.hits += 1
     return _apply(kernel, args)
 
 
@@ -276,12 +294,13 @@ def _apply(kernel: _Kernel, args: tuple) -> Tensor:
 
 
 def _first_call(compiled: _Compiled, static: tuple, tensors: tuple):
-    """Run a new compiled function's first call (the compile), counted and timed; called under _state.lock."""
+    """Run a new compiled function's first call (the compile), counted and timed."""
     start = time.perf_counter()
     with torch.no_grad():  # an inference graph: autograd is _CompiledNorm's business
         out = compiled(static, tensors)
-    _state.compiles += 1
-    _state.compile_seconds += time.perf_counter() - start
+    with _state.lock:
+        _state.compiles += 1
+        _state.compile_seconds += time.perf_counter() - start
     return out
 
 
