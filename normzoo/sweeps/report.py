@@ -79,6 +79,7 @@ def environment(device: str = "cpu", threads: int | list[int] | None = None) -> 
         "platform": platform.platform(),
         "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name()})",
         "cpu": _cpu_model(),
+        "isa": torch.backends.cpu.get_cpu_capability(),  # the vector ISA ATen and Inductor use: AVX2, AVX512, ...
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads() if threads is None else threads,
         # other work on the machine when the sweep started: a load above the core count means shared cores
