@@ -97,6 +97,11 @@ def _backward_entry(spec, needs, x, weight, bias, shift, mean_d, rstd, dy):
     return engine.backward(spec, needs, x, weight, bias, shift, mean_d, rstd, dy)
 
 
+# what torch._dynamo.mark_dynamic sets on a tensor (torch 2.13)
+_MARKS = ("_dynamo_dynamic_indices", "_dynamo_dynamic_range", "_dynamo_hint_overrides", "_specialize_on",
+          "_has_dynamo_dim_marking")
+
+
 class _Compiled:
     """One function compiled for one signature: dynamo + Inductor for the first call, then Inductor's callable
     directly (our signature key is the guard). Each instance compiles a fresh copy of the entry's code object:
@@ -110,6 +115,7 @@ class _Compiled:
         code = entry.__code__.replace(co_name=f"normzoo_{entry.__name__.strip('_')}_{next(_tags)}")
         self.arg_names = code.co_varnames[n_static:code.co_argcount]
         self.dynamic = dynamic or {}
+        self.traced_once = False
         self.n_outputs = n_outputs  # the tensors the entry returns (its None results are not graph outputs)
         self.direct = None
         self.getters: list[tuple[int, int | None]] = []  # per graph input: (tensor argument, size dim or None)
@@ -123,8 +129,10 @@ class _Compiled:
         getters = [self._getter(n) for n in gm.graph.nodes if n.op == "placeholder"]
         outputs = gm.graph.output_node().args[0]
         # the direct call returns the graph's outputs: only when they are exactly the entry's tensor results
-        # (an output that is an input, say, would be returned by dynamo's code, not by the graph)
-        if all(g is not None for g in getters) and len(outputs) == self.n_outputs:  # else keep going through dynamo
+        # (an output that is an input, say, would be returned by dynamo's code, not by the graph), and it skips
+        # dynamo's guards: only when no guard on a symbolic size can fail for another batch size
+        if (all(g is not None for g in getters) and len(outputs) == self.n_outputs
+                and _guards_hold_for_any_size(example_inputs)):  # else keep going through dynamo
             self.direct, self.getters = compiled, getters
         return compiled
 
@@ -142,14 +150,51 @@ class _Compiled:
     def __call__(self, static: tuple, tensors: tuple):
         if self.direct is not None:
             return self.direct(*[tensors[i] if d is None else tensors[i].shape[d] for i, d in self.getters])
-        if self.dynamic:  # mark on aliases, so the caller's tensors carry no dynamo markings afterwards
-            tensors = list(tensors)
+        if not self.dynamic or self.traced_once:
+            # without a direct path after the first trace (a guard ties the graph to sizes), dynamo's guards decide
+            # from here: a size outside them recompiles, as a static graph
+            return self.traced(*static, *tensors)
+        self.traced_once = True
+        # mark the batch dims for this one trace, then put the tensors' own markings back: the caller's tensors
+        # must not carry ours into their own torch.compile (marking a view instead would tie the dims to its base)
+        saved = [(tensors[i], {a: getattr(tensors[i], a) for a in _MARKS if hasattr(tensors[i], a)})
+                 for i in self.dynamic]
+        try:
             for i, dims in self.dynamic.items():
-                tensors[i] = tensors[i].view(tensors[i].shape)
                 torch._dynamo.mark_dynamic(tensors[i], list(dims))
             with torch.fx.experimental._config.patch(use_duck_shape=False):  # equal sizes stay separate symbols
                 return self.traced(*static, *tensors)
-        return self.traced(*static, *tensors)
+        finally:
+            for t, attrs in saved:
+                for a in _MARKS:
+                    if a in attrs:
+                        setattr(t, a, attrs[a])
+                    elif hasattr(t, a):
+                        delattr(t, a)
+
+
+def _guards_hold_for_any_size(example_inputs) -> bool:
+    """True when every shape guard dynamo and Inductor recorded holds for any values of the symbolic sizes (tried on
+    a spread of sizes, each symbol independently): then skipping the guards can never run a kernel outside the
+    sizes it is valid for. A guard like rows % 256 == 0 (code that branched on a batch size) makes this False."""
+    import itertools
+
+    import sympy
+
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    shape_env = getattr(fake_mode, "shape_env", None)
+    if shape_env is None:
+        return True
+    # sizes dynamo found equal (x's batch dim and dy's, say) are one symbol once its replacements are applied
+    exprs = [shape_env.simplify(g.expr) for g in shape_env.guards]
+    symbols = sorted({s for e in exprs for s in e.free_symbols}, key=str)
+    if len(symbols) > 3:  # more symbols than the shape policy makes: be strict
+        return False
+    for values in itertools.product((2, 3, 5, 16, 97, 1000, 4099), repeat=len(symbols)):
+        subs = dict(zip(symbols, values))
+        if any(e.xreplace(subs) is not sympy.true for e in exprs):
+            return False
+    return True
 
 
 class _Kernel:

@@ -105,9 +105,7 @@ def sum_dim(t: Tensor, dim: int) -> Tensor:
     dtype (the vectorized pass over the data), then the few chunk sums in float64. Pooling such sums over channels
     or the batch also runs in float64: that costs nothing next to the pass over the data."""
     dim = dim % t.dim()
-    n = t.shape[dim]
-    if not isinstance(n, int):  # a symbolic size (a kernel serving every batch size): no shape-dependent chunks
-        return t.sum(dim, keepdim=True).to(STATS_DTYPE)
+    n = t.shape[dim]  # never a batch dim: those are symbolic in compiled kernels, and chunking would branch on them
     L = _chunk(n)
     if L == n:
         return t.sum(dim, keepdim=True).to(STATS_DTYPE)
@@ -383,8 +381,9 @@ def backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, sh
         k1, k0 = _dx_coefficients(r, m, a, c, n, cd, spec.center)
         if needs_x:
             dx = gw * rstd + (xc * k1 + k0)
-        # over the other dims, one value per element of the normalized dims
-        over_rows = lambda t: sum_dim(_layer_rows(spec, t)[0].reshape(-1, n), 0)  # noqa: E731
+        # over the other dims, one value per element of the normalized dims: a plain sum over the rows: their count is a batch size, symbolic in compiled kernels
+        # (accumulated in float64: more exact over many rows, and Inductor then makes no size-dependent choice)
+        over_rows = lambda t: _layer_rows(spec, t)[0].reshape(-1, n).to(STATS_DTYPE).sum(0)  # noqa: E731
         if weight is not None and needs_w:
             dweight = over_rows(g * xhat).reshape(weight.shape)
         if bias is not None and needs_b:

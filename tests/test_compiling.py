@@ -153,6 +153,14 @@ def test_one_kernel_serves_every_sequence_length_and_batch_size():
         torch.testing.assert_close(y, yr)
         torch.testing.assert_close(gx, gr)
     assert compiling.cache_info()["compiles"] - before == 2  # one forward, one backward
+    x = torch.randn(3, 1500, 24, requires_grad=True)  # 4500 rows: past any size a kernel might have assumed
+    y = ln(x)
+    grads = torch.autograd.grad(y.square().sum(), (x, ln.weight, ln.bias))
+    xr = x.detach().requires_grad_()
+    yr = nn.functional.layer_norm(xr, (24,), ln.weight, ln.bias)
+    for g, r in zip(grads, torch.autograd.grad(yr.square().sum(), (xr, ln.weight, ln.bias))):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    assert not hasattr(x, "_dynamo_dynamic_indices")  # our marks are not left on the caller's tensors
 
     gn = normzoo.GroupNorm(2, 6)
     before = compiling.cache_info()["compiles"]

@@ -57,7 +57,8 @@ def _max(values) -> float | None:
     return max(vals) if vals else None
 
 
-def _run(layer, norm, steps: list[Tensor], x: Tensor, dy: Tensor, tensors: dict | None = None) -> dict:
+def _run(layer, norm, steps: list[Tensor], x: Tensor, dy: Tensor, tensors: dict | None = None,
+         second_order: bool = False) -> dict:
     """Warm steps (forward only, as a training loop's earlier batches), then forward + backward on x.
 
     `tensors` maps weight / bias / running_mean / running_var to the layer's own tensors where its names differ
@@ -71,9 +72,13 @@ def _run(layer, norm, steps: list[Tensor], x: Tensor, dy: Tensor, tensors: dict 
     xr = x.clone().requires_grad_(True)
     y = layer(xr)
     names = [n for n in ("weight", "bias") if n in tensors and tensors[n].requires_grad]
-    grads = torch.autograd.grad(y, [xr] + [tensors[n] for n in names], dy, allow_unused=True)
+    grads = torch.autograd.grad(y, [xr] + [tensors[n] for n in names], dy, allow_unused=True,
+                                create_graph=second_order)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip([xr] + [tensors[n] for n in names], grads)]
-    out = {"y": y.detach(), "dx": grads[0]}
+    out = {"y": y.detach(), "dx": grads[0].detach()}
+    if second_order:
+        out["d2x"] = _second(grads[0], xr, dy)
+    grads = [g.detach() for g in grads]
     out.update({f"d{n}": g for n, g in zip(names, grads[1:])})
     for buf in ("running_mean", "running_var"):
         if buf in tensors and norm.training and not isinstance(norm, FrozenBatchNorm2d):
@@ -91,7 +96,16 @@ def tolerance(base: float, x: Tensor) -> float:
     return base * (1.0 + ratio * (abs(x64.mean().item()) / std if std > 0 else 0.0))
 
 
-def _oracle(ref: Reference, steps: list[Tensor], x: Tensor, dy: Tensor, training: bool) -> dict:
+def _second(dx: Tensor, x: Tensor, dy: Tensor) -> Tensor:
+    """d/dx <dx, dy>: a Hessian-vector product of <y, dy> (double backward through the norm)."""
+    if not dx.requires_grad:  # the gradient does not depend on x (an affine map: BatchNorm eval)
+        return torch.zeros_like(x)
+    (d2x,) = torch.autograd.grad((dx * dy.to(dx.dtype)).sum(), x, allow_unused=True)
+    return torch.zeros_like(x) if d2x is None else d2x.detach()
+
+
+def _oracle(ref: Reference, steps: list[Tensor], x: Tensor, dy: Tensor, training: bool,
+            second_order: bool = False) -> dict:
     """The oracle's output, gradients and running statistics for steps then x, in float64 on the oracle's device
     (the CPU: x and dy are copied there when they are on another device)."""
     for s in steps:
@@ -99,8 +113,12 @@ def _oracle(ref: Reference, steps: list[Tensor], x: Tensor, dy: Tensor, training
     x64 = x.detach().to(device=ref.device, dtype=torch.float64).requires_grad_(True)
     y = ref.forward(x64, training)
     params = ref.params()
-    grads = torch.autograd.grad(y, [x64] + params, dy.to(device=ref.device, dtype=torch.float64))
-    out = {"y": y.detach(), "dx": grads[0]}
+    dy64 = dy.to(device=ref.device, dtype=torch.float64)
+    grads = torch.autograd.grad(y, [x64] + params, dy64, create_graph=second_order)
+    out = {"y": y.detach(), "dx": grads[0].detach()}
+    if second_order:
+        out["d2x"] = _second(grads[0], x64, dy64)
+    grads = [g.detach() for g in grads]
     names = [n for n, p in (("weight", ref.weight), ("bias", ref.bias)) if p is not None and p.requires_grad]
     out.update({f"d{n}": g for n, g in zip(names, grads[1:])})
     if training and ref.running_mean is not None and not isinstance(ref.zoo, FrozenBatchNorm2d):
@@ -155,17 +173,17 @@ def run_case(case: Case, seed: int = 0, device: str | torch.device = "cpu") -> d
     x = sample(case.offset)
     dy = torch.randn(case.shape, generator=gen, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
 
-    want = _oracle(ref, steps, x, dy, training)  # on the CPU copies
+    want = _oracle(ref, steps, x, dy, training, case.second_order)  # on the CPU copies
     steps_d, x_d, dy_d = ([_on(t, device, fmt) for t in steps], _on(x, device, fmt), _on(dy, device, fmt))
     notes = []
     try:
-        got_zoo = _run(measured, measured, steps_d, x_d, dy_d, tensors)
+        got_zoo = _run(measured, measured, steps_d, x_d, dy_d, tensors, case.second_order)
     except Exception as err:  # noqa: BLE001 - the sweep reports it as this case's FAIL and goes on
         got_zoo = None
         who = "normzoo" if case.user is None else case.layer
         notes.append(f"{who} raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     try:
-        got_torch = _run(theirs, norm_of(theirs), steps_d, x_d, dy_d)
+        got_torch = _run(theirs, norm_of(theirs), steps_d, x_d, dy_d, second_order=case.second_order)
     except Exception as err:  # noqa: BLE001 - torch lacking a kernel is a finding, not our failure
         got_torch = None
         notes.append(f"torch raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
@@ -180,7 +198,7 @@ def run_case(case: Case, seed: int = 0, device: str | torch.device = "cpu") -> d
     def pick(errs, keys):
         return None if errs is None else _max(errs.get(k) for k in keys)
 
-    grad_keys = [k for k in want if k.startswith("d")]
+    grad_keys = [k for k in want if k.startswith("d") and k != "d2x"]
     stat_keys = [k for k in want if k.startswith("running")]
     zoo_ok = ez is not None and all(v is not None and v <= tol for v in ez.values())
     torch_ok = et is None or all(v is not None and v <= tol for v in et.values())
@@ -201,6 +219,8 @@ def run_case(case: Case, seed: int = 0, device: str | torch.device = "cpu") -> d
         "err_torch": pick(et, ["y"]),
         "grad_err_zoo": pick(ez, grad_keys),
         "grad_err_torch": pick(et, grad_keys),
+        "second_err_zoo": pick(ez, ["d2x"]) if case.second_order else None,
+        "second_err_torch": pick(et, ["d2x"]) if case.second_order else None,
         "stats_err_zoo": pick(ez, stat_keys) if stat_keys else None,
         "stats_err_torch": pick(et, stat_keys) if stat_keys else None,
         "diff_zoo_torch": diff,
@@ -251,6 +271,8 @@ COLUMNS = [
     rp.Column("out\ntorch", lambda c: rp.sci(c["err_torch"]), "right"),
     rp.Column("grad\nzoo", lambda c: rp.sci(c["grad_err_zoo"]), "right"),
     rp.Column("grad\ntorch", lambda c: rp.sci(c["grad_err_torch"]), "right"),
+    rp.Column("2nd\nzoo", lambda c: rp.sci(c.get("second_err_zoo")), "right"),
+    rp.Column("2nd\ntorch", lambda c: rp.sci(c.get("second_err_torch")), "right"),
     rp.Column("stats\nzoo", lambda c: rp.sci(c["stats_err_zoo"]), "right"),
     rp.Column("stats\ntorch", lambda c: rp.sci(c["stats_err_torch"]), "right"),
     rp.Column("tol", lambda c: rp.sci(c["tolerance"]), "right"),

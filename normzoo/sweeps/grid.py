@@ -12,6 +12,10 @@ and optional lists that multiply out into cases:
     passes      -                      yes                         [forward, forward_backward]
     tolerances  yes (per dtype)        yes (output check)          16 * eps(dtype)
     sequence    -                      yes (true/false)            false
+    second_order yes (true/false)      -                           false
+
+`second_order: true` (equivalence) also checks a second derivative: the Hessian-vector product
+d/dx <d<y, dy>/dx, dy> (what double backward, gradient penalties and create_graph=True compute), as `d2x`.
 
 `sequence: true` (speed) makes the grid's `shapes` list ONE case per layer/dtype/layout/mode/pass: one module
 instance is fed every shape in order (the shapes must agree on dimensionality and features), and one timed call
@@ -61,6 +65,7 @@ GRID_KEYS = {
     "compiled": ("equivalence",),
     "passes": ("speed",),
     "sequence": ("speed",),
+    "second_order": ("equivalence",),
 }
 TOP_KEYS = {"grids": ("equivalence", "speed"), "threads": ("speed",), "blocks": ("speed",)}
 DEFAULT_CONFIG = {"equivalence": "equivalence.yaml", "speed": "speed.yaml"}
@@ -113,6 +118,7 @@ class Case:
     compiled: bool = True
     pass_: str = "forward"  # speed only
     sequence: tuple = ()  # speed only: the shapes fed in order, one case (`shape` is the first of them)
+    second_order: bool = False  # equivalence only: also the second derivative (double backward)
     user: Any = None  # equivalence only: a user's layer (normzoo.check.UserLayer) measured in place of the zoo's
 
     @property
@@ -383,6 +389,9 @@ def _expand_grid(grid, gi: int, kind: str, src: str):
     sequence = grid.get("sequence", False)
     if not isinstance(sequence, bool):
         raise SweepError(f"{here}.sequence: {sequence!r} is not true or false")
+    second_order = grid.get("second_order", False)
+    if not isinstance(second_order, bool):
+        raise SweepError(f"{here}.second_order: {second_order!r} is not true or false")
     if kind == "speed":
         offsets, compiled = [0.0], [True]
     else:
@@ -419,5 +428,5 @@ def _expand_grid(grid, gi: int, kind: str, src: str):
                 comp = False
             yield Case(grid=gi, layer=label, spec=tuple(sorted(spec.items())), shape=shape, dtype=dtype,
                        layout=layout, mode=mode, offset=offset, compiled=comp, pass_=pass_,
-                       sequence=tuple(group) if sequence else (), user=user,
+                       sequence=tuple(group) if sequence else (), user=user, second_order=second_order,
                        tolerance=_number(tolerances.get(dtype, default_tolerance(dtype)), "tolerance"))
