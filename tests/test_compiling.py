@@ -171,3 +171,20 @@ def test_one_kernel_serves_every_sequence_length_and_batch_size():
         assert compiling.cache_info()["compiles"] - before == 1
         gn(torch.randn(3, 6, 4, 4))  # another spatial size: its own kernel
         assert compiling.cache_info()["compiles"] - before == 2
+
+
+def test_batchnorm_kernel_reused_across_batch_sizes_keeps_running_statistics_right():
+    """One BatchNorm kernel serves every batch size: outputs, gradients and the running statistics (EMA and the
+    cumulative average, whose unbiased factor depends on the batch size) match torch.nn at each size."""
+    pairs = [(normzoo.BatchNorm2d(8), nn.BatchNorm2d(8)), (normzoo.BatchNorm2d(8, momentum=None),
+                                                           nn.BatchNorm2d(8, momentum=None))]
+    for n in (2, 5, 3, 2):
+        x = torch.randn(n, 8, 3, 5) * 3 + 2
+        for zoo, ref in pairs:
+            xz, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+            yz, yr = zoo(xz), ref(xr)
+            torch.testing.assert_close(yz, yr, rtol=1e-5, atol=1e-5)
+            (gz,), (gr,) = torch.autograd.grad(yz.square().sum(), xz), torch.autograd.grad(yr.square().sum(), xr)
+            torch.testing.assert_close(gz, gr, rtol=1e-4, atol=1e-4)
+            for bz, br in zip(zoo.buffers(), ref.buffers()):
+                torch.testing.assert_close(bz, br)
