@@ -26,7 +26,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import engine
-from . import functional as NF
 from .layers import _BatchNorm
 
 __all__ = ["SyncBatchNorm"]

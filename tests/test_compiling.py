@@ -3,7 +3,6 @@ inlined inside a user's torch.compile, and a loud fallback when no C++ compiler 
 
 import warnings
 
-import pytest
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
