@@ -151,10 +151,7 @@ def moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
     cd = compute_dtype(x.dtype)
     if not dims:  # sets of one element each: the mean is the element itself
         return torch.zeros_like(x, dtype=cd), x.to(cd), torch.zeros_like(x, dtype=cd)
-    keep = [d for d in range(x.dim()) if d not in dims]
-    moved = x.permute(keep + list(dims))
-    rows = moved.reshape(moved.shape[:len(keep)] + (-1,))
-    stat_shape = [1 if d in dims else x.shape[d] for d in range(x.dim())]
+    rows, stat_shape = _rows(x, tuple(sorted(d % x.dim() for d in dims)))
     if rows.shape[-1] == 0:  # an empty set: no statistics
         zero = torch.zeros(stat_shape, dtype=cd, device=x.device)
         return zero, zero, zero + 1
@@ -217,9 +214,13 @@ def reference_forward(spec: NormSpec, x: Tensor, weight=None, bias=None, running
 
 
 def _layer_rows(spec: NormSpec, t: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    """t with a layer norm's dims moved last and flattened: (*other dims, n), a view where the dims are the
+    """_rows over a layer norm's dims."""
+    return _rows(t, spec.layer_dims(t.dim()))
+
+
+def _rows(t: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...]]:
+    """t with `dims` (sorted, non-negative) moved last and flattened: (*other dims, n), a view where the dims are the
     trailing ones or a single dim; and the shape its statistics broadcast with (1 at the reduced dims)."""
-    dims = spec.layer_dims(t.dim())
     keep = [d for d in range(t.dim()) if d not in dims]
     moved = t.permute(keep + list(dims)) if keep != list(range(len(keep))) else t
     rows = moved.reshape(tuple(t.shape[d] for d in keep) + (_count(t, dims),))
