@@ -128,6 +128,7 @@ class _Compiled:
         self.arg_names = code.co_varnames[n_static:code.co_argcount]
         self.dynamic = dynamic or {}
         self.traced_once = False
+        self.graphs = 0  # graphs dynamo handed to the backend for this function
         self.n_outputs = n_outputs  # the tensors the entry returns (its None results are not graph outputs)
         self.direct = None
         self.getters: list[tuple[int, int | None]] = []  # per graph input: (tensor argument, size dim or None)
@@ -135,15 +136,22 @@ class _Compiled:
         self.traced = torch.compile(fn, backend=self._backend, dynamic=False, fullgraph=True)
 
     def _backend(self, gm, example_inputs):
+        import torch._inductor.config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(gm, example_inputs)
+        # thread count read at run time, not baked into the kernel: a process with another thread count then
+        # finds the same kernels in Inductor's cache (its cache key leaves the thread count out in this mode)
+        with inductor_config.patch({"cpp.dynamic_threads": True}):
+            compiled = compile_fx(gm, example_inputs)
         getters = [self._getter(n) for n in gm.graph.nodes if n.op == "placeholder"]
         outputs = gm.graph.output_node().args[0]
         # the direct call returns the graph's outputs: only when they are exactly the entry's tensor results
         # (an output that is an input, say, would be returned by dynamo's code, not by the graph), and it skips
         # dynamo's guards: only when no guard on a symbolic size can fail for another batch size
-        if (all(g is not None for g in getters) and len(outputs) == self.n_outputs
+        self.graphs += 1
+        if (self.graphs == 1  # only the first, shape-generic graph: a recompile by dynamo's guards is a static
+                # graph, valid for its sizes only
+                and all(g is not None for g in getters) and len(outputs) == self.n_outputs
                 and _guards_hold_for_any_size(example_inputs)):  # else keep going through dynamo
             self.direct, self.getters = compiled, getters
         return compiled
@@ -325,9 +333,12 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
         *, compile: bool = True) -> Tensor:
     """Compute engine.forward, through the per-signature compiled kernels unless compilation is off."""
     args = (x, weight, bias, running_mean, running_var, momentum)
+    if torch.compiler.is_compiling():
+        # inside a user's torch.compile: trace the engine inline as plain differentiable ops (no autograd.Function,
+        # which would keep AOTAutograd from caching the user's graph); their backward is derived in that graph
+        return engine.reference_forward(spec, *args)
     if (
         not compile
-        or torch.compiler.is_compiling()  # already inside a user's torch.compile: trace the engine inline
         or not compile_enabled()
         or x.numel() == 0  # nothing to compute; not worth a kernel
         or torch.jit.is_scripting()

@@ -297,7 +297,9 @@ def stored(t: Tensor, like: Tensor | None = None) -> Tensor:
     element vector. Forcing a layout realizes the buffer (contiguous, or with the strides of `like`). Eagerly
     this is the identity.
     """
-    if STORE_OP is not None and torch.compiler.is_compiling():
+    # not on a tensor autograd differentiates (a user's torch.compile traces the differentiable engine): the op
+    # has no derivative
+    if STORE_OP is not None and torch.compiler.is_compiling() and not (torch.is_grad_enabled() and t.requires_grad):
         return STORE_OP(t, like.stride() if like is not None else _contiguous_strides(t.shape))
     return t
 

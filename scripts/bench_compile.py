@@ -8,8 +8,12 @@ then warm (the same directory, a second process). Workloads, each for torch.nn a
 - resnet18_gn: a ResNet-18-like net (scripts/bench_models.py) with GroupNorm(32), SGD training steps on
   8x3x128x128: the first step, the median steady step, then one step at batch 6 (a new batch size) and one at
   96x96 (a new resolution); "extra" is a step's time minus the steady step.
+  Also a GroupNorm(32, 160), a channel count the net does not have: its first forward + backward minus its second.
+- resnet18_gn again, warm, in a process with another thread count (1 for 2, else 2): the cache must still hit.
 - ln_lengths: LayerNorm(384) forward + backward on 4 x L x 384 for 100 distinct L (7..106), timed as a whole, and
   a steady pass over the same lengths.
+- user_compile: the same ResNet-18-like GroupNorm(32) net inside the user's own torch.compile (the whole training
+  step's forward and backward), first step and steady step.
 
 Reported with the kernels compiled (normzoo.compiling.cache_info()) and the CPU model, ISA and threads.
 """
@@ -62,6 +66,31 @@ def _child(workload: str, lib: str, threads: int, quick: bool) -> dict:
         out["steady_s"] = statistics.median(step(batch, size) for _ in range(3 if quick else 5))
         out["new_batch_s"] = step(batch - 2, size)
         out["new_resolution_s"] = step(batch, size * 3 // 4)
+        extra = nn.GroupNorm(32, 160) if lib == "torch" else normzoo.GroupNorm(32, 160)
+        xc = torch.randn(batch, 160, size // 4, size // 4, requires_grad=True)
+        calls = []
+        for _ in range(2):
+            start = time.perf_counter()
+            extra(xc).sum().backward()
+            calls.append(time.perf_counter() - start)
+        out["new_channels_extra_s"] = calls[0] - calls[1]
+    elif workload == "user_compile":
+        size, batch = (64, 4) if quick else (128, 8)
+        norm = (lambda c: nn.GroupNorm(32, c)) if lib == "torch" else (lambda c: normzoo.GroupNorm(32, c))
+        model = bm.ResNet(bm.BasicBlock, [1, 1, 1, 1] if quick else [2, 2, 2, 2], norm, base_width=32 if quick else 64)
+        compiled = torch.compile(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def step(n, s):
+            x, y = torch.randn(n, 3, s, s), torch.randint(0, 100, (n,))
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(compiled(x), y).backward()
+            opt.step()
+            return time.perf_counter() - start
+
+        out["first_s"] = step(batch, size)
+        out["steady_s"] = statistics.median(step(batch, size) for _ in range(3 if quick else 5))
     else:
         d = 64 if quick else 384
         layer = nn.LayerNorm(d) if lib == "torch" else normzoo.LayerNorm(d)
@@ -92,11 +121,15 @@ def run(threads: int, quick: bool) -> dict:
     env = rp.environment("cpu", threads)
     env["isa"] = torch.backends.cpu.get_cpu_capability()
     rows = []
-    for workload in ("resnet18_gn", "ln_lengths"):
+    other = 1 if threads != 1 else 2
+    for workload in ("resnet18_gn", "ln_lengths", "user_compile"):
         for lib in ("torch", "normzoo"):
             with tempfile.TemporaryDirectory(prefix="normzoo-cache-") as cache:
-                for cache_state in ("cold", "warm"):
-                    cmd = [sys.executable, __file__, "--child", workload, lib, str(threads)] + (["--quick"] if quick else [])
+                states = [("cold", threads), ("warm", threads)]
+                if workload == "resnet18_gn":
+                    states.append((f"warm, {other} thread{'s' if other > 1 else ''}", other))
+                for cache_state, n_threads in states:
+                    cmd = [sys.executable, __file__, "--child", workload, lib, str(n_threads)] + (["--quick"] if quick else [])
                     proc = subprocess.run(cmd, capture_output=True, text=True,
                                           env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache))
                     if proc.returncode != 0:
@@ -120,9 +153,11 @@ def render(report: dict, fmt: str) -> str:
     for r in report["rows"]:
         extra = lambda k: None if k not in r else round(r[k] - r["steady_s"], 2)  # noqa: E731
         table.append([r["workload"], r["lib"], r["cache"], round(r["first_s"], 2), round(r["steady_s"], 3),
-                      extra("first_s"), extra("new_batch_s"), extra("new_resolution_s"), r.get("compiles", "")])
+                      extra("first_s"), extra("new_batch_s"), extra("new_resolution_s"),
+                      None if "new_channels_extra_s" not in r else round(r["new_channels_extra_s"], 2),
+                      r.get("compiles", "")])
     cols = ["workload", "layers", "cache", "first s", "steady s", "first extra s", "new batch extra s",
-            "new resolution extra s", "normzoo graphs compiled"]
+            "new resolution extra s", "new channel count extra s", "normzoo graphs compiled"]
     return head + "\n\n" + tabulate(table, cols, tablefmt="github" if fmt == "markdown" else "simple")
 
 

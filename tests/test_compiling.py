@@ -187,3 +187,50 @@ def test_batchnorm_kernel_reused_across_batch_sizes_keeps_running_statistics_rig
             torch.testing.assert_close(gz, gr, rtol=1e-4, atol=1e-4)
             for bz, br in zip(zoo.buffers(), ref.buffers()):
                 torch.testing.assert_close(bz, br)
+
+
+def test_user_compile_keeps_aot_autograd_cacheable():
+    """Inside a user's torch.compile the engine traces as plain ops: no autograd.Function, so AOTAutograd can
+    cache the user's graph (a bypass would repeat its tracing in every process)."""
+    torch.manual_seed(0)
+    zoo = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), normzoo.GroupNorm(4, 8), nn.ReLU())
+    ref = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU())
+    ref.load_state_dict(zoo.state_dict())
+    bypass = counters["aot_autograd"]["autograd_cache_bypass"]
+    x = torch.randn(2, 3, 6, 6)
+    out = torch.compile(zoo, fullgraph=True)(x)
+    out.square().sum().backward()
+    ref(x).square().sum().backward()
+    assert counters["aot_autograd"]["autograd_cache_bypass"] == bypass
+    torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-4)
+    for pz, pr in zip(zoo.parameters(), ref.parameters()):
+        torch.testing.assert_close(pz.grad, pr.grad, atol=1e-4, rtol=1e-4)
+
+
+_THREADS_CHILD = """
+import json, sys, torch, normzoo
+from torch._dynamo.utils import counters
+torch.set_num_threads(int(sys.argv[1]))
+x = torch.randn(2, 6, 5, 7, requires_grad=True)
+normzoo.GroupNorm(3, 6)(x).sum().backward()
+print(json.dumps({k: counters["inductor"][k] for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}))
+"""
+
+
+def test_another_thread_count_reuses_the_cached_kernels(tmp_path):
+    """Kernels read the thread count at run time: a second process with another thread count loads them from
+    Inductor's cache instead of compiling them again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    runs = []
+    for threads in (1, 2):
+        proc = subprocess.run([sys.executable, "-c", _THREADS_CHILD, str(threads)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert runs[0]["fxgraph_cache_miss"] == 2  # forward and backward, compiled at 1 thread
+    assert runs[1] == {"fxgraph_cache_hit": 2, "fxgraph_cache_miss": 0}
