@@ -35,6 +35,7 @@ _LOADED: dict[str, Any] = {}  # resolved file path -> module: each file runs onc
 
 
 def first_line(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
@@ -136,6 +137,7 @@ class UserLayer:
 
 
 def call_text(cls, args: tuple, kwargs: dict) -> str:
+    """The constructor call as Python: 'MyNorm(1, 3, affine=False)'."""
     inner = ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()])
     return f"{getattr(cls, '__name__', 'layer')}({inner})"
 
@@ -167,6 +169,7 @@ def layer_factory(layer, args: tuple = (), kwargs: dict | None = None) -> Callab
 
 
 def layer_name(layer) -> str:
+    """A layer's name for the report: its class for an instance, its (qualified) name for a class or function."""
     if isinstance(layer, nn.Module):
         return type(layer).__name__
     return getattr(layer, "__qualname__", None) or getattr(layer, "__name__", None) or type(layer).__name__
