@@ -19,8 +19,7 @@ from .frozen import FrozenBatchNorm2d
 from .sync import SyncBatchNorm
 from .convert import ConversionError, convert
 from .check import CheckError, check  # the function shadows the module name: import normzoo.check's names from it
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "GroupNorm", "LayerNorm", "RMSNorm", "LayerNorm2d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",

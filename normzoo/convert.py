@@ -607,3 +607,18 @@ def convert(model: nn.Module, spec, **overrides) -> nn.Module:
             if id(child) in replacements:
                 setattr(module, name, replacements[id(child)])
     return model
+
+
+def convert_frozen_batchnorm(cls, module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm (torch.nn's, normzoo's, SyncBatchNorm) in `module` by a FrozenBatchNorm2d
+    holding its affine and running statistics; returns the module (or the new layer if `module` is one).
+
+    A shortcut for ``normzoo.convert(module, "frozen_bn")``.
+    """
+    return convert(module, "frozen_bn")
+
+
+# Called as FrozenBatchNorm2d.convert_frozen_batchnorm(module), detectron2's name. It is attached here rather than
+# defined in frozen.py because conversion sits above the layers: frozen.py calling up into convert was an import
+# circle (frozen -> convert -> registry -> frozen).
+FrozenBatchNorm2d.convert_frozen_batchnorm = classmethod(convert_frozen_batchnorm)

@@ -39,6 +39,9 @@ class FrozenBatchNorm2d(nn.Module):
         >>> m = normzoo.FrozenBatchNorm2d(64)
         >>> m.load_state_dict(torch.nn.BatchNorm2d(64).state_dict())
         >>> y = m(torch.randn(2, 64, 32, 32))
+
+    ``FrozenBatchNorm2d.convert_frozen_batchnorm(model)`` (detectron2's name) swaps a model's BatchNorms for frozen
+    ones: normzoo.convert (above this module) defines it and attaches it to this class.
     """
 
     num_features: int
@@ -74,14 +77,3 @@ class FrozenBatchNorm2d(nn.Module):
         out = f"{self.num_features}, eps={self.eps}"
         out += "" if self.compile else ", compile=False"
         return out + (f", activation={self.activation!r}" if self.activation else "")
-
-    @classmethod
-    def convert_frozen_batchnorm(cls, module: nn.Module) -> nn.Module:
-        """Replace every BatchNorm (torch.nn's, normzoo's, SyncBatchNorm) in `module` by a FrozenBatchNorm2d
-        holding its affine and running statistics; returns the module (or the new layer if `module` is one).
-
-        A shortcut for ``normzoo.convert(module, "frozen_bn")``.
-        """
-        from .convert import convert
-
-        return convert(module, "frozen_bn")

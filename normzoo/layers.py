@@ -20,8 +20,15 @@ __all__ = [
 ]
 
 
+def _as_shape(normalized_shape) -> tuple[int, ...]:
+    """torch.nn's normalized_shape: an int or a sequence of ints, as a tuple."""
+    if isinstance(normalized_shape, numbers.Integral):
+        normalized_shape = (normalized_shape,)
+    return tuple(int(s) for s in normalized_shape)
+
+
 class _Extras:
-    """The keyword-only extensions every family shares."""
+    """The keyword-only extensions every family shares, and torch.nn's affine parameters."""
 
     compile: bool
     activation: str | None
@@ -34,6 +41,23 @@ class _Extras:
     def _extras_repr(self) -> str:
         out = "" if self.compile else ", compile=False"
         return out + (f", activation={self.activation!r}" if self.activation else "")
+
+    def _init_affine(self, shape, weight: bool, bias: bool | None, device, dtype) -> None:
+        """Parameters `weight` and `bias` of `shape` where learned, registered as None where not (torch.nn's names);
+        bias=None: the family has no bias at all (RMSNorm)."""
+        learned = {"weight": weight} if bias is None else {"weight": weight, "bias": weight and bias}
+        for name, learn in learned.items():
+            if learn:
+                setattr(self, name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+            else:
+                self.register_parameter(name, None)
+
+    def _reset_affine(self) -> None:
+        """torch.nn's initial affine: weight ones, bias zeros (those that exist)."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if getattr(self, "bias", None) is not None:
+            nn.init.zeros_(self.bias)
 
 
 class GroupNorm(_Extras, nn.Module):
@@ -93,23 +117,11 @@ class GroupNorm(_Extras, nn.Module):
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
         self._init_extras(compile, activation)
-        factory_kwargs = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self._init_affine(num_channels, affine, bias, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        self._reset_affine()
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_channels:
@@ -158,28 +170,14 @@ class LayerNorm(_Extras, nn.Module):
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None, *, compile: bool = True, activation: str | None = None) -> None:
         super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.normalized_shape = _as_shape(normalized_shape)
         self.eps, self.elementwise_affine = eps, elementwise_affine
         self._init_extras(compile, activation)
-        factory_kwargs = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self._init_affine(self.normalized_shape, elementwise_affine, bias, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.elementwise_affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        self._reset_affine()
 
     def forward(self, input: Tensor) -> Tensor:
         return NF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
@@ -225,20 +223,14 @@ class RMSNorm(_Extras, nn.Module):
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, device=None,
                  dtype=None, *, compile: bool = True, activation: str | None = None) -> None:
         super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.normalized_shape = _as_shape(normalized_shape)
         self.eps, self.elementwise_affine = eps, elementwise_affine
         self._init_extras(compile, activation)
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
+        self._init_affine(self.normalized_shape, elementwise_affine, None, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.elementwise_affine:
-            nn.init.ones_(self.weight)
+        self._reset_affine()
 
     def forward(self, input: Tensor) -> Tensor:
         return NF.rms_norm(input, self.normalized_shape, self.weight, self.eps, activation=self.activation,
@@ -288,19 +280,11 @@ class LayerNorm2d(_Extras, nn.Module):
         super().__init__()
         self.num_channels, self.eps, self.affine = num_channels, eps, affine
         self._init_extras(compile, activation)
-        factory_kwargs = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self._init_affine(num_channels, affine, True, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        self._reset_affine()
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_channels:
@@ -336,16 +320,8 @@ class _ChannelNorm(_Extras, nn.Module):
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
         self._init_extras(compile, activation)
+        self._init_affine(num_features, affine, bias, device, dtype)
         factory_kwargs = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
             self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
@@ -364,10 +340,7 @@ class _ChannelNorm(_Extras, nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        self._reset_affine()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:

@@ -31,18 +31,18 @@ from .layers import _BatchNorm
 __all__ = ["SyncBatchNorm"]
 
 
-def _reduce_dims(x: Tensor) -> tuple[int, ...]:
-    return (0,) + tuple(range(2, x.dim()))
+def _per_channel(x: Tensor) -> tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]:
+    """For x of shape (N, C, *): C, the dtype the arithmetic runs in, the dims a channel's statistics reduce (all
+    but dim 1), and the shape that broadcasts a per-channel statistic over x."""
+    C = x.shape[1]
+    return C, engine.compute_dtype(x.dtype), (0,) + tuple(range(2, x.dim())), (1, C) + (1,) * (x.dim() - 2)
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group, world_size):
-        C = x.shape[1]
-        acc = engine.compute_dtype(x.dtype)
+        C, acc, dims, stat_shape = _per_channel(x)
         f64 = torch.float64
-        dims = _reduce_dims(x)
-        stat_shape = (1, C) + (1,) * (x.dim() - 2)
         xa = x.to(acc)
         n_local = x.numel() // C
         # local moments: shift (an element of each channel, or 0 when empty), mean - shift, biased variance
@@ -88,11 +88,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, shift, mean_d, invstd = ctx.saved_tensors
-        C = x.shape[1]
-        acc = engine.compute_dtype(x.dtype)
+        C, acc, dims, stat_shape = _per_channel(x)
         sdt = engine.STATS_DTYPE
-        dims = _reduce_dims(x)
-        stat_shape = (1, C) + (1,) * (x.dim() - 2)
         dya = dy.to(acc)
         xhat = ((x.to(acc) - shift) - mean_d) * invstd
         sum_dy = dya.to(sdt).sum(dims)

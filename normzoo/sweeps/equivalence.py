@@ -21,12 +21,12 @@ values, and the oracle shares no kernel with the device under test. Errors are c
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from . import report as rp
+from ..accuracy import rel_err, tolerance, worst
+from ..binding import prepare_user
 from ..frozen import FrozenBatchNorm2d
 from .grid import DTYPES, Case, Sweep, format_shape, memory_format
 from .oracle import Reference, norm_of, torch_counterpart
@@ -36,25 +36,6 @@ PASS, FAIL, TORCH_OFF = "PASS", "FAIL", "TORCH-OFF"
 TOLERANCE_RULE = ("error = max|got - oracle| / max|oracle|, for the output, each gradient and each running statistic; "
                   "tol = base(dtype) * (1 + eps(compute)/eps(dtype) * |mean(x)|/std(x)), base = 16 * eps(dtype) "
                   "unless the sweep sets `tolerances`; compute = float32 for float16/bfloat16, else the dtype")
-
-
-def rel_err(a: Tensor | None, ref: Tensor | None) -> float | None:
-    """max |a - ref| / max |ref| in float64, on ref's device (a is copied there: the oracle's values live on the CPU);
-    inf if a has a non-finite value where ref does not."""
-    if a is None or ref is None:
-        return None
-    ref = ref.detach().to(torch.float64)
-    a = a.detach().to(device=ref.device, dtype=torch.float64)
-    if not torch.isfinite(a).all():
-        return math.inf
-    scale = ref.abs().max().item()
-    err = (a - ref).abs().max().item()
-    return err / scale if scale > 0 else err
-
-
-def _max(values) -> float | None:
-    vals = [v for v in values if v is not None]
-    return max(vals) if vals else None
 
 
 def _run(layer, norm, steps: list[Tensor], x: Tensor, dy: Tensor, tensors: dict | None = None,
@@ -84,16 +65,6 @@ def _run(layer, norm, steps: list[Tensor], x: Tensor, dy: Tensor, tensors: dict 
         if buf in tensors and norm.training and not isinstance(norm, FrozenBatchNorm2d):
             out[buf] = tensors[buf].detach().clone()
     return out
-
-
-def tolerance(base: float, x: Tensor) -> float:
-    """The case's tolerance for input x: base * (1 + eps(compute)/eps(dtype) * |mean(x)| / std(x))."""
-    x64 = x.detach().to(torch.float64)
-    std = x64.std().item() if x64.numel() > 1 else 0.0
-    # float16/bfloat16 arithmetic runs in float32 (torch's CPU kernels and the zoo alike)
-    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    ratio = torch.finfo(compute).eps / torch.finfo(x.dtype).eps
-    return base * (1.0 + ratio * (abs(x64.mean().item()) / std if std > 0 else 0.0))
 
 
 def _second(dx: Tensor, x: Tensor, dy: Tensor) -> Tensor:
@@ -162,8 +133,6 @@ def run_case(case: Case, seed: int = 0, device: str | torch.device = "cpu") -> d
     zoo.train(training)
     measured, tensors = zoo, None
     if case.user is not None:  # a user's layer (normzoo check): measured in the zoo's place, with its values
-        from ..check import prepare_user
-
         make = case.user.factory()
         measured, tensors, _ = prepare_user(lambda: _on(make(), device), zoo, case.shape, dtype, training)
     theirs = torch_counterpart(zoo, len(case.shape))
@@ -193,10 +162,10 @@ def run_case(case: Case, seed: int = 0, device: str | torch.device = "cpu") -> d
     ez, et = _errors(got_zoo, want), _errors(got_torch, want)
     diff = None
     if got_zoo is not None and got_torch is not None:
-        diff = _max(rel_err(got_zoo[k], got_torch[k]) for k in want if k in got_zoo and k in got_torch)
+        diff = worst(rel_err(got_zoo[k], got_torch[k]) for k in want if k in got_zoo and k in got_torch)
 
     def pick(errs, keys):
-        return None if errs is None else _max(errs.get(k) for k in keys)
+        return None if errs is None else worst(errs.get(k) for k in keys)
 
     grad_keys = [k for k in want if k.startswith("d") and k != "d2x"]
     stat_keys = [k for k in want if k.startswith("running")]

@@ -45,12 +45,13 @@ import torch
 import yaml
 
 from .. import registry
+from ..accuracy import DTYPES, default_tolerance
+from ..families import family_of, fix_type as _fix_type
+from ..user_layer import CheckError, UserLayer, probe
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LAYOUTS = ("contiguous", "channels_last")
 MODES = ("train", "eval")
 PASSES = ("forward", "forward_backward")
-K_TOL = 16  # default tolerance: 16 units of roundoff of the dtype, times the input's magnitude factor
 
 # grid key -> which sweeps take it
 GRID_KEYS = {
@@ -89,19 +90,6 @@ def check_device(device: str) -> str | None:
     return None
 
 
-def default_tolerance(dtype: str) -> float:
-    return K_TOL * torch.finfo(DTYPES[dtype]).eps
-
-
-FAMILIES = ("group_norm", "layer_norm2d", "layer_norm", "rms_norm", "instance_norm", "batch_norm")
-
-
-def family_of(layer_type: str) -> str:
-    """group_norm, layer_norm2d, layer_norm, rms_norm, instance_norm or batch_norm (sync_batch_norm,
-    frozen_batch_norm: batch_norm)."""
-    return next((f for f in FAMILIES if f in layer_type), layer_type)
-
-
 @dataclass(frozen=True)
 class Case:
     """One point of a grid. `spec` is the resolved layer spec (its type fixed to the shape's dimensionality)."""
@@ -119,7 +107,7 @@ class Case:
     pass_: str = "forward"  # speed only
     sequence: tuple = ()  # speed only: the shapes fed in order, one case (`shape` is the first of them)
     second_order: bool = False  # equivalence only: also the second derivative (double backward)
-    user: Any = None  # equivalence only: a user's layer (normzoo.check.UserLayer) measured in place of the zoo's
+    user: Any = None  # equivalence only: a user's layer (normzoo.user_layer.UserLayer) measured in place of the zoo's
 
     @property
     def spec_dict(self) -> dict[str, Any]:
@@ -195,14 +183,6 @@ def _number(v, where: str) -> float:
     return out
 
 
-def _fix_type(spec: dict, ndim: int) -> dict:
-    """Generic instance_norm / batch_norm take their dimensionality from the shape (bn on 4-D and 5-D)."""
-    kind = spec["type"]
-    if kind in ("instance_norm", "batch_norm") and 2 <= ndim <= 5:
-        spec = dict(spec, type=f"{kind}{max(ndim - 2, 1)}d")
-    return spec
-
-
 def _check_layer_shape(spec: dict, shape: tuple, where: str, label: str) -> None:
     """Build the layer on the meta device and run it once: any mismatch is a SweepError, before real work."""
     cls, _ = registry.LAYER_TYPES[spec["type"]]
@@ -223,8 +203,6 @@ USER_KEYS = ("name", "class", "init", "like")
 
 def _user_layer(layer: dict, where: str, kind: str, src: str):
     """A user's layer entry -> (label, like spec, UserLayer); loads its file (runs it) and builds it once."""
-    from ..check import CheckError, UserLayer
-
     label = str(layer.get("name", layer["class"]))
     here = f"{where}: layer {label!r}"
     if kind != "equivalence":
@@ -260,8 +238,6 @@ def _user_layer(layer: dict, where: str, kind: str, src: str):
 
 
 def _check_user_shape(user, shape: tuple, where: str, label: str) -> None:
-    from ..check import CheckError, probe
-
     try:
         probe(user.factory()(), shape, label)
     except CheckError as err:

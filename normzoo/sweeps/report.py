@@ -21,6 +21,8 @@ import tabulate as _tabulate
 import torch
 from tabulate import tabulate
 
+from .._version import __version__
+
 _tabulate.MIN_PADDING = 0  # headers no wider than their text: the tables must fit 120 columns
 # "simple" with one space between columns; headers may have two lines ("out\nzoo")
 _TERMINAL = _tabulate.TableFormat(
@@ -90,8 +92,6 @@ def environment(device: str = "cpu", threads: int | list[int] | None = None) -> 
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "NORMZOO_COMPILE", "TORCHINDUCTOR_CACHE_DIR")
                 if k in os.environ},
     }
-    from .. import __version__
-
     env["normzoo"] = __version__
     return env
 

@@ -36,8 +36,8 @@ from torch.utils import benchmark
 
 from . import report as rp
 from . import equivalence
-from .equivalence import rel_err
 from .. import compiling
+from ..accuracy import rel_err
 from .grid import DTYPES, Case, Sweep, check_device, format_shape, memory_format  # noqa: F401 (check_device)
 from .oracle import Reference, norm_of, torch_counterpart
 
