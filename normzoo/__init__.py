@@ -20,10 +20,13 @@ from .sync import SyncBatchNorm
 from .convert import ConversionError, convert
 from .check import CheckError, check  # the function shadows the module name: import normzoo.check's names from it
 from ._version import __version__
+from .policy import cache_info
+from .precompile import precompile
 
 __all__ = [
     "GroupNorm", "LayerNorm", "RMSNorm", "LayerNorm2d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "FrozenBatchNorm2d", "SyncBatchNorm", "convert", "ConversionError",
     "functional", "build", "norm_factory", "available", "load_presets", "check", "CheckError",
+    "precompile", "cache_info",
 ]

@@ -1,4 +1,4 @@
-"""The `normzoo` command: list, equivalence, speed, check."""
+"""The `normzoo` command: list, equivalence, speed, check, precompile."""
 
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ def _sweep(args, kind: str) -> int:
     from .sweeps import grid
     from .sweeps import report as rp
 
+    import os
+
+    # a sweep measures the compiled kernels, each compiled before its first timed or checked call (not the eager
+    # engine that runs while a background build is under way)
+    os.environ.setdefault("NORMZOO_COMPILE", "sync")
     if kind == "speed":
         from .sweeps import speed as mod
     else:
@@ -95,6 +100,67 @@ TARGET is path/to/file.py:ClassName or package.module:ClassName. Loading it RUNS
 process, as `python file.py` would): check only files you trust."""
 
 
+def _parse_size(text: str) -> tuple[int, ...]:
+    try:
+        size = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        size = ()
+    if not size or any(v < 1 for v in size):
+        raise ValueError(f"--size {text!r}: expected positive sizes joined by x, e.g. 56x56 (or 197 for a sequence)")
+    return size
+
+
+def _cmd_precompile(args) -> int:
+    import torch
+
+    from . import registry, store
+    from .precompile import build_jobs, jobs_for
+
+    try:
+        sizes = [_parse_size(s) for s in args.size]
+        dtypes = []
+        for name in args.dtype:
+            dtype = getattr(torch, name, None)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"--dtype {name!r}: expected a floating-point dtype such as float32, bfloat16")
+            dtypes.append(dtype)
+        if args.batch < 2:
+            raise ValueError(f"--batch {args.batch}: give 2 or more (one kernel then serves every batch size >= 2; "
+                             "batch 1 has kernels of its own: --batch 1 is refused to keep that explicit)")
+        if any(c < 1 for c in args.channels):
+            raise ValueError(f"--channels {args.channels}: channel counts must be positive")
+        layers = [(p, c, registry.build(p, c)) for p in args.presets for c in args.channels]
+    except (ValueError, registry.PresetError) as err:
+        return _fail(str(err))
+    if not store.writable():
+        return _fail(f"the kernel store {store.kernel_dir()} is not writable; set {store.ENV_KERNEL_DIR}")
+    jobs: dict[str, dict] = {}
+    for preset, channels, layer in layers:
+        features_last = registry.features_axis(registry.resolve_spec(preset)["type"]) == -1
+        for size in sizes:
+            for dtype in dtypes:
+                for layout in args.layout:
+                    shape = (args.batch, *size, channels) if features_last else (args.batch, channels, *size)
+                    if layout == "channels_last" and len(shape) != 4:
+                        continue  # channels_last names 4-d inputs only
+                    x = torch.zeros(shape, dtype=dtype, requires_grad=args.grad)
+                    if layout == "channels_last":
+                        x = x.detach().to(memory_format=torch.channels_last).requires_grad_(args.grad)
+                    try:
+                        for job in jobs_for(layer.to(dtype), x, grad=args.grad):
+                            jobs.setdefault(job["key"], job)
+                    except (ValueError, RuntimeError) as err:
+                        return _fail(f"{preset} with {channels} channels on input {tuple(shape)}: {err}")
+    print(f"normzoo precompile: {len(jobs)} kernels for {len(layers)} layers into {store.kernel_dir()}",
+          file=sys.stderr)
+    summary = build_jobs(list(jobs.values()), progress=not args.quiet)
+    print(f"{summary['built']} built, {summary['stored']} already stored, {summary['busy']} being built by another "
+          f"process, {len(summary['failed'])} failed, {summary['seconds']} s")
+    for what in summary["failed"].values():
+        print(f"  failed: {what}", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .sweeps.grid import DEVICES
     from .sweeps.report import FORMATS
@@ -134,6 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "markdown", "json"], default="table")
     p.add_argument("--output", metavar="PATH", help="write the report here")
     p.set_defaults(func=_cmd_check)
+
+    text = ("build the kernels of presets x channel counts x sizes x dtypes into the kernel store "
+            "(NORMZOO_KERNEL_DIR), so that later processes load them instead of compiling; from Python, "
+            "normzoo.precompile(model, example_input) does it for a whole model")
+    p = sub.add_parser("precompile", help=text, description=text)
+    p.add_argument("presets", nargs="+", metavar="PRESET", help="preset names (normzoo list), e.g. gn32 ln bn")
+    p.add_argument("--channels", nargs="+", type=int, required=True, metavar="C",
+                   help="channel counts (the normalized size for layer norms)")
+    p.add_argument("--size", nargs="+", default=["32x32"], metavar="HxW",
+                   help="spatial sizes of channel-first inputs (a sequence length for layer norms); default 32x32")
+    p.add_argument("--batch", type=int, default=8, help="example batch size (kernels serve every size >= 2)")
+    p.add_argument("--dtype", nargs="+", default=["float32"], help="dtypes, e.g. float32 bfloat16")
+    p.add_argument("--layout", nargs="+", choices=["contiguous", "channels_last"], default=["contiguous"])
+    p.add_argument("--no-grad", dest="grad", action="store_false", help="forward kernels only (inference)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_precompile)
     return parser
 
 

@@ -74,7 +74,7 @@ _state = _State()
 _tags = itertools.count()
 
 
-def _max_cache_size() -> int:
+def max_cache_size() -> int:
     try:
         return max(1, int(os.environ.get(ENV_CACHE_SIZE, "64")))
     except ValueError:
@@ -87,7 +87,7 @@ def cache_info() -> dict:
     with _state.lock:
         return {
             "signatures": len(_state.kernels),
-            "max_signatures": _max_cache_size(),
+            "max_signatures": max_cache_size(),
             "hits": _state.hits,
             "compiles": _state.compiles,
             "compile_seconds": round(_state.compile_seconds, 3),
@@ -239,7 +239,7 @@ class _Kernel:
 
     def backward(self, needs, tensors: tuple):
         """tensors: (x, weight, bias, shift, mean_d, rstd, dy)."""
-        key = (needs, _signature(tensors[-1], self.batch_dims))
+        key = (needs, signature(tensors[-1], self.batch_dims))
         compiled = self.compiled.get(key)
         if compiled is None:
             x = tensors[0]  # x, dy and the per-sample statistics share the batch dims
@@ -302,7 +302,7 @@ class _CompiledNorm(torch.autograd.Function):
         return (None,) + tuple(grads) + (None, None, None)
 
 
-def _signature(t: Tensor | None, batch_dims: tuple[int, ...] = ()):
+def signature(t: Tensor | None, batch_dims: tuple[int, ...] = ()):
     """What a compiled kernel depends on: shape (None at the batch dims), layout, dtype, device."""
     if t is None:
         return None
@@ -346,16 +346,18 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
     ):
         return engine.forward(spec, *args)
     dims = batch_dims(spec, x) if dynamic_batch_enabled() else ()
-    key = (spec, torch.is_inference_mode_enabled(), _signature(x, dims)) + tuple(_signature(t) for t in args[1:])
+    key = (spec, torch.is_inference_mode_enabled(), signature(x, dims)) + tuple(signature(t) for t in args[1:])
     kernel = _state.kernels.get(key)
     if kernel is None:
         return _compile_and_run(key, spec, args, dims)
     _state.kernels.move_to_end(key)
     _state.hits += 1
-    return _apply(kernel, args)
+    return apply(kernel, args)
 
 
-def _apply(kernel: _Kernel, args: tuple) -> Tensor:
+def apply(kernel, args: tuple) -> Tensor:
+    """Run a kernel (this module's, or normzoo.policy's store kernel) on a call's arguments, through autograd
+    when a gradient is needed."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3]):
         return _CompiledNorm.apply(kernel, *args)
     return kernel.forward(args)[0]
@@ -372,21 +374,32 @@ def _first_call(compiled: _Compiled, static: tuple, tensors: tuple):
     return out
 
 
+def kernel_for(spec: engine.NormSpec, dims: tuple[int, ...]) -> "_Kernel":
+    """An in-memory kernel for a spec and shape policy, outside the signature cache (normzoo.policy's fallback for
+    kernels the store cannot serve)."""
+    _load_store_op()
+    return _Kernel(spec, dims)
+
+
+def _load_store_op() -> None:
+    if engine.STORE_OP is None:  # loaded with Inductor, so not at normzoo's import
+        from torch._inductor import inductor_prims  # noqa: F401  (registers the op)
+
+        engine.STORE_OP = torch.ops.prims.inductor_force_stride_order
+
+
 def _compile_and_run(key, spec, args, dims) -> Tensor:
     """A signature seen for the first time: one kernel object, even when several threads meet it at once (its
     graphs compile on first use, under the same lock)."""
     with _state.lock:
         kernel = _state.kernels.get(key)
         if kernel is None:
-            if engine.STORE_OP is None:  # loaded with Inductor, so not at normzoo's import
-                from torch._inductor import inductor_prims  # noqa: F401  (registers the op)
-
-                engine.STORE_OP = torch.ops.prims.inductor_force_stride_order
+            _load_store_op()
             kernel = _state.kernels[key] = _Kernel(spec, dims)
-            while len(_state.kernels) > _max_cache_size():
+            while len(_state.kernels) > max_cache_size():
                 _state.kernels.popitem(last=False)
                 _state.evictions += 1
-    return _apply(kernel, args)
+    return apply(kernel, args)
 
 
 def _turn_compile_off(err: Exception) -> None:

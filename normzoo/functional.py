@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import compiling
+from . import policy
 from .engine import ACTIVATIONS, NormSpec, compute_dtype
 
 __all__ = ["group_norm", "layer_norm", "instance_norm", "batch_norm", "rms_norm", "layer_norm2d"]
@@ -66,7 +66,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bia
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
     spec = NormSpec(groups=num_groups, eps=float(eps), activation=activation)
-    return compiling.run(spec, input, weight, bias, compile=compile)
+    return policy.run(spec, input, weight, bias, compile=compile)
 
 
 def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Tensor | None = None,
@@ -81,7 +81,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Ten
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
     spec = NormSpec(groups=None, eps=float(eps), dims=tuple(range(-len(shape), 0)), activation=activation)
-    return compiling.run(spec, input, weight, bias, compile=compile)
+    return policy.run(spec, input, weight, bias, compile=compile)
 
 
 def _trailing_shape(name: str, input: Tensor, normalized_shape: Sequence[int] | int) -> tuple[int, ...]:
@@ -109,7 +109,7 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int] | int, weight: Tenso
     eps = torch.finfo(compute_dtype(input.dtype)).eps if eps is None else eps
     spec = NormSpec(groups=None, eps=float(eps), dims=tuple(range(-len(shape), 0)), center=False,
                     activation=activation)
-    return compiling.run(spec, input, weight, None, compile=compile)
+    return policy.run(spec, input, weight, None, compile=compile)
 
 
 def layer_norm2d(input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6, *,
@@ -129,7 +129,7 @@ def layer_norm2d(input: Tensor, weight: Tensor | None = None, bias: Tensor | Non
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
     spec = NormSpec(groups=None, eps=float(eps), dims=(1,), activation=activation)
-    return compiling.run(spec, input, weight, bias, compile=compile)
+    return policy.run(spec, input, weight, bias, compile=compile)
 
 
 def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
@@ -156,7 +156,7 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None, running_var
     if input.numel() == 0:  # (torch raises an IndexError on a (0, C, *) batch)
         return _empty_output(input, weight, bias)
     spec = NormSpec(groups=C, eps=float(eps), activation=activation)
-    return compiling.run(spec, input, weight, bias, compile=compile)
+    return policy.run(spec, input, weight, bias, compile=compile)
 
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -198,5 +198,5 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     spec = NormSpec(groups=C, eps=float(eps), batch=True, batch_stats=training,
                     momentum=(0.0 if m_tensor is not None else float(momentum)) if update else None,
                     activation=activation)
-    return compiling.run(spec, input, weight, bias, running_mean, running_var, m_tensor if update else None,
+    return policy.run(spec, input, weight, bias, running_mean, running_var, m_tensor if update else None,
                          compile=compile)

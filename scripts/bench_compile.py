@@ -2,8 +2,11 @@
 
     python scripts/bench_compile.py [--threads 2] [--format table|markdown|json] [--output PATH] [--quick]
 
-Each workload runs in a fresh process, twice: on a cold Inductor cache (a new, empty TORCHINDUCTOR_CACHE_DIR) and
-then warm (the same directory, a second process). Workloads, each for torch.nn and for normzoo layers:
+Each workload runs in a fresh process, twice: on cold caches (a new, empty TORCHINDUCTOR_CACHE_DIR and
+NORMZOO_KERNEL_DIR) and then warm (the same directories, a second process). normzoo runs with its default policy
+(NORMZOO_COMPILE=1: the kernel store, the eager engine while a background builder fills it; a cold process then waits
+at its end until the builder is done, reported as "store ready s") and, for resnet18_gn, with NORMZOO_COMPILE=sync
+(the blocking in-memory compile). Workloads, each for torch.nn and for normzoo layers:
 
 - resnet18_gn: a ResNet-18-like net (scripts/bench_models.py) with GroupNorm(32), SGD training steps on
   8x3x128x128: the first step, the median steady step, then one step at batch 6 (a new batch size) and one at
@@ -46,7 +49,10 @@ def _child(workload: str, lib: str, threads: int, quick: bool) -> dict:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    started = time.perf_counter()
     out: dict = {"workload": workload, "lib": lib}
+    if lib == "normzoo-sync":
+        os.environ["NORMZOO_COMPILE"] = "sync"
     if workload == "resnet18_gn":
         size, batch = (64, 4) if quick else (128, 8)
         norm = (lambda c: nn.GroupNorm(32, c)) if lib == "torch" else (lambda c: normzoo.GroupNorm(32, c))
@@ -106,9 +112,15 @@ def _child(workload: str, lib: str, threads: int, quick: bool) -> dict:
         out["lengths"] = len(lengths)
         out["first_s"] = sweep()
         out["steady_s"] = sweep()
-    if lib == "normzoo":
-        info = compiling.cache_info()
+    if lib != "torch":
+        info = normzoo.cache_info()
         out["compiles"], out["compile_s"] = info["compiles"], info["compile_seconds"]
+        out["store_loaded"], out["eager_calls"] = info["store_loaded"], info["eager_interim_calls"]
+        if info["store_requested"]:  # wait for the background builder: the store is then ready for the next process
+            while normzoo.cache_info()["background"]["pending"] and time.perf_counter() - started < 1800:
+                time.sleep(0.5)
+            out["store_ready_s"] = time.perf_counter() - started
+            out["store_failed"] = len(normzoo.cache_info()["background"]["failed"])
     return out
 
 
@@ -123,15 +135,17 @@ def run(threads: int, quick: bool) -> dict:
     rows = []
     other = 1 if threads != 1 else 2
     for workload in ("resnet18_gn", "ln_lengths", "user_compile"):
-        for lib in ("torch", "normzoo"):
+        for lib in ("torch", "normzoo") + (("normzoo-sync",) if workload == "resnet18_gn" else ()):
             with tempfile.TemporaryDirectory(prefix="normzoo-cache-") as cache:
                 states = [("cold", threads), ("warm", threads)]
                 if workload == "resnet18_gn":
                     states.append((f"warm, {other} thread{'s' if other > 1 else ''}", other))
                 for cache_state, n_threads in states:
                     cmd = [sys.executable, __file__, "--child", workload, lib, str(n_threads)] + (["--quick"] if quick else [])
-                    proc = subprocess.run(cmd, capture_output=True, text=True,
-                                          env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache))
+                    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache,
+                               NORMZOO_KERNEL_DIR=os.path.join(cache, "normzoo-kernels"))
+                    env.pop("NORMZOO_COMPILE", None)
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                     if proc.returncode != 0:
                         raise RuntimeError(f"{workload}/{lib}/{cache_state} failed:\n{proc.stderr[-3000:]}")
                     row = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -155,9 +169,11 @@ def render(report: dict, fmt: str) -> str:
         table.append([r["workload"], r["lib"], r["cache"], round(r["first_s"], 2), round(r["steady_s"], 3),
                       extra("first_s"), extra("new_batch_s"), extra("new_resolution_s"),
                       None if "new_channels_extra_s" not in r else round(r["new_channels_extra_s"], 2),
-                      r.get("compiles", "")])
+                      r.get("compiles", ""), r.get("store_loaded", ""),
+                      None if "store_ready_s" not in r else round(r["store_ready_s"], 1)])
     cols = ["workload", "layers", "cache", "first s", "steady s", "first extra s", "new batch extra s",
-            "new resolution extra s", "new channel count extra s", "normzoo graphs compiled"]
+            "new resolution extra s", "new channel count extra s", "graphs compiled in memory",
+            "kernels loaded from the store", "store ready s"]
     return head + "\n\n" + tabulate(table, cols, tablefmt="github" if fmt == "markdown" else "simple")
 
 

@@ -1,7 +1,13 @@
 import os
+import tempfile
 
 import pytest
 import torch
+
+# The suite runs the blocking in-memory compile (which kernel serves a call must not depend on timing), and never
+# touches the user's kernel store: tests of the store and its background builder set their own mode and directory.
+os.environ["NORMZOO_COMPILE"] = "sync"
+os.environ["NORMZOO_KERNEL_DIR"] = tempfile.mkdtemp(prefix="normzoo-test-kernels-")
 
 
 @pytest.fixture(autouse=True)
@@ -11,4 +17,5 @@ def _seed():
 
 def pytest_report_header(config):
     return (f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-            f"TORCHINDUCTOR_CACHE_DIR={os.environ.get('TORCHINDUCTOR_CACHE_DIR', '(default)')}")
+            f"TORCHINDUCTOR_CACHE_DIR={os.environ.get('TORCHINDUCTOR_CACHE_DIR', '(default)')}, "
+            f"NORMZOO_COMPILE={os.environ['NORMZOO_COMPILE']}")

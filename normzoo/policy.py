@@ -1,0 +1,331 @@
+"""Which kernel serves a layer call, and when: the store's, the in-memory compile's, or the eager engine.
+
+NORMZOO_COMPILE picks the policy:
+
+- `1` (the default; also `background`): kernels come from the kernel store (normzoo.store). A signature whose
+  kernel the store holds loads it in milliseconds. One it does not hold runs the eager engine (the same math, no
+  compile) while a background builder process (normzoo.builder) builds the kernel into the store; the first call
+  after the kernel lands switches to it. No call waits for a compile. Measured on the AVX-512 Xeon: the eager
+  engine's whole ResNet-18 GroupNorm(32) training step costs about 1.2x torch.nn's, against ~30 s for the first
+  step's compiles.
+- `sync`: the in-memory compile of normzoo.compiling, blocking on the first call of each signature (what the
+  benchmarks and the test suite use: the kernel a call gets does not depend on timing).
+- `0` (or `compile=False` on a layer): the eager engine.
+
+Signatures the store does not take run the in-memory compile: CUDA inputs, layouts other than contiguous and
+channels_last, BatchNorm training that updates running statistics (an AOTInductor package does not write its
+inputs). Sizes 0 run eagerly; dims of size 1 are static in a kernel's shape contract (another kernel). A store
+that cannot be written, or a build that fails, warns once and falls back to the in-memory compile.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+from . import builder, compiling, engine, store
+
+ENV_COMPILE = compiling.ENV_COMPILE
+POLL_S = 0.2  # how often a call running eagerly looks for its kernel in the store
+
+
+def mode() -> str:
+    """'background', 'sync' or 'off', from NORMZOO_COMPILE."""
+    value = os.environ.get(ENV_COMPILE, "1").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return "off"
+    if value == "sync":
+        return "sync"
+    if value in ("", "1", "true", "on", "yes", "background"):
+        return "background"
+    raise ValueError(f"{ENV_COMPILE} must be 1 (background, the default), sync or 0, got {value!r}")
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.loaded = 0  # kernels loaded from the store
+        self.requested = 0  # kernels handed to the background builder
+        self.eager_calls = 0  # calls run by the eager engine while their kernel was being built
+        self.fallbacks = 0  # kernels served by the in-memory compile instead (store unusable, build failed)
+
+
+_stats = _Stats()
+_kernels: OrderedDict = OrderedDict()  # signature -> StoreKernel
+_lock = threading.RLock()
+_FALLBACK = object()  # an entry the store cannot serve: the in-memory compile's kernel serves it
+
+
+class _Background:
+    """The builder process: started on the first job, fed JSON lines, read by a thread."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.results: dict[str, dict] = {}  # key -> the builder's last line about it
+        self.pending: set[str] = set()
+
+    def submit(self, job: dict) -> None:
+        with _lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            self.pending.add(job["key"])
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+
+    def _start(self) -> None:
+        env = dict(os.environ, NORMZOO_KERNEL_DIR=str(store.kernel_dir()))
+        self.proc = subprocess.Popen([sys.executable, "-m", "normzoo.builder"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        proc = self.proc
+        threading.Thread(target=self._read, args=(proc,), daemon=True, name="normzoo-builder-reader").start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            try:
+                result = json.loads(line)
+            except ValueError:
+                continue
+            with _lock:
+                self.results[result["key"]] = result
+                self.pending.discard(result["key"])
+        with _lock:  # the process ended: what it had not answered is lost
+            for key in list(self.pending):
+                self.results.setdefault(key, {"key": key, "status": "failed", "error": "the builder process ended"})
+            self.pending.clear()
+
+    def info(self) -> dict:
+        with _lock:
+            alive = self.proc is not None and self.proc.poll() is None
+            failed = {k: r.get("error") for k, r in self.results.items() if r["status"] == "failed"}
+            return {"running": alive, "pending": len(self.pending),
+                    "built": sum(r["status"] == "built" for r in self.results.values()), "failed": failed}
+
+    def close(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.stdin.close()  # the builder finishes the job at hand and exits
+            except OSError:
+                pass
+
+
+background = _Background()
+atexit.register(background.close)
+
+
+class _Pending:
+    def __init__(self, job: dict) -> None:
+        self.job = job
+        self.next_check = time.monotonic() + POLL_S
+
+
+def _dense(t: Tensor | None) -> Tensor | None:
+    """t in a dense layout a kernel's contract can name (contiguous or channels_last): an AOTInductor kernel reads
+    its inputs with the strides it was built for."""
+    if t is None or t.is_contiguous():
+        return t
+    if (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or (
+            t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)):
+        return t
+    return t.contiguous()
+
+
+class StoreKernel:
+    """A signature's forward and backward kernels from the store, with the compiled-kernel interface that
+    normzoo.compiling's autograd.Function ties together: forward(tensors) -> (y, shift, mean_d, rstd) and
+    backward(needs, tensors) -> (dx, dweight, dbias)."""
+
+    def __init__(self, spec: engine.NormSpec, dims: tuple[int, ...]) -> None:
+        self.spec = spec
+        self.batch_dims = dims
+        self.entries: dict = {}  # "forward" or needs -> store.Loaded | _Pending | _FALLBACK
+        self._memory: compiling._Kernel | None = None  # the in-memory compile, for entries the store cannot serve
+
+    def forward(self, tensors: tuple):
+        tensors = tuple(_dense(t) for t in tensors)
+        entry = self._entry("forward", lambda: builder.job_for("forward", self.spec, tensors, {0: self.batch_dims}))
+        if isinstance(entry, store.Loaded):
+            return tuple(entry([t for t in tensors if t is not None]))
+        if entry is _FALLBACK:
+            return self._in_memory().forward(tensors)
+        _stats.eager_calls += 1
+        return engine.forward_inference(self.spec, *tensors)
+
+    def backward(self, needs, tensors: tuple):
+        """tensors: (x, weight, bias, shift, mean_d, rstd, dy)."""
+        tensors = tuple(_dense(t) for t in tensors)
+        x = tensors[0]
+        key = (needs, builder.layout_of(tensors[-1]))
+
+        def job():
+            per_sample = {i: self.batch_dims for i in (0, 3, 4, 5, 6) if tensors[i].dim() == x.dim()
+                          and all(tensors[i].shape[d] == x.shape[d] for d in self.batch_dims)}
+            return builder.job_for("backward", self.spec, tensors, per_sample, needs)
+
+        entry = self._entry(key, job)
+        if isinstance(entry, store.Loaded):
+            results = iter(entry(list(t for t in tensors if t is not None)))
+            return tuple(next(results) if need and t is not None else None
+                         for need, t in zip(needs, tensors[:3]))
+        if entry is _FALLBACK:
+            return self._in_memory().backward(needs, tensors)
+        _stats.eager_calls += 1
+        return engine.backward(self.spec, needs, *tensors)
+
+    def _in_memory(self) -> compiling._Kernel:
+        if self._memory is None:
+            self._memory = compiling.kernel_for(self.spec, self.batch_dims)
+        return self._memory
+
+    def _entry(self, key, make_job):
+        entry = self.entries.get(key)
+        if entry is None or (isinstance(entry, _Pending) and time.monotonic() >= entry.next_check):
+            with _lock:
+                entry = self.entries[key] = _resolve(entry, make_job)
+        return entry
+
+
+_recording: list | None = None  # normzoo.precompile's list of the jobs calls would hand to the builder
+
+
+def _resolve(entry, make_job):
+    """The next state of an entry: loaded from the store, still being built, or served in memory."""
+    if entry is None:
+        job = make_job()
+        if _recording is not None:  # precompile: note the job, load and build nothing now, compute eagerly
+            _recording.append(job)
+            return _Pending(job)
+        loaded = store.load(job["key"], job["fields"])
+        if loaded is not None:
+            _stats.loaded += 1
+            return loaded
+        if not store.writable():
+            _stats.fallbacks += 1
+            return _FALLBACK
+        background.submit(job)
+        _stats.requested += 1
+        return _Pending(job)
+    job = entry.job
+    if _recording is not None:
+        entry.next_check = time.monotonic() + POLL_S
+        return entry
+    result = background.results.get(job["key"])
+    if result is not None and result["status"] != "failed":
+        loaded = store.load(job["key"], job["fields"])
+        if loaded is not None:
+            _stats.loaded += 1
+            return loaded
+    if result is not None and result["status"] in ("failed", "built", "stored"):
+        # failed, or built and then not loadable: this kernel is compiled in memory from now on
+        store.warn_once(f"failed:{job['key']}", f"building a kernel failed ({result.get('error', 'not loadable')});"
+                                                " it is compiled in memory instead")
+        _stats.fallbacks += 1
+        return _FALLBACK
+    if result is not None and result["status"] == "busy":  # another process builds it: wait for its entry
+        loaded = store.load(job["key"], job["fields"])
+        if loaded is not None:
+            _stats.loaded += 1
+            return loaded
+    entry.next_check = time.monotonic() + POLL_S
+    return entry
+
+
+def _store_takes(spec: engine.NormSpec, args: tuple) -> bool:
+    x = args[0]
+    if x.device.type != "cpu" or args[5] is not None:
+        return False
+    if spec.batch and spec.momentum is not None and args[3] is not None:  # updates its running statistics
+        return False
+    return bool(x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+                or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
+def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, running_var=None, momentum=None,
+        *, compile: bool = True) -> Tensor:
+    """Compute engine.forward with the kernel the policy picks for this call."""
+    args = (x, weight, bias, running_mean, running_var, momentum)
+    which = mode() if compile else "off"
+    if _recording is not None and not _store_takes(spec, args):  # precompile: the store has no kernel for it
+        return compiling.run(spec, *args, compile=False)
+    if which != "background" or torch.compiler.is_compiling() or not _store_takes(spec, args):
+        return compiling.run(spec, *args, compile=compile and which != "off")
+    if (x.numel() == 0 or torch.jit.is_scripting() or engine.under_functorch()
+            or not compiling.compile_enabled()):
+        return compiling.run(spec, *args, compile=compile)
+    dims = compiling.batch_dims(spec, x)
+    key = (spec, compiling.signature(x, dims)) + tuple(compiling.signature(t) for t in args[1:])
+    kernel = _kernels.get(key)
+    if kernel is None:
+        with _lock:
+            kernel = _kernels.get(key)
+            if kernel is None:
+                kernel = _kernels[key] = StoreKernel(spec, dims)
+                while len(_kernels) > compiling.max_cache_size():
+                    _kernels.popitem(last=False)
+    return compiling.apply(kernel, args)
+
+
+def info() -> dict:
+    """The store's share of cache_info(): kernels loaded from the store, handed to the background builder,
+    calls that ran eagerly meanwhile, fallbacks to the in-memory compile, and the builder's state."""
+    return {"mode": mode(), "kernel_dir": str(store.kernel_dir()), "store_loaded": _stats.loaded,
+            "store_requested": _stats.requested, "eager_interim_calls": _stats.eager_calls,
+            "store_fallbacks": _stats.fallbacks, "background": background.info()}
+
+
+def cache_info() -> dict:
+    """normzoo.compiling.cache_info() (the in-memory compiles) with the store's share (policy.info()): kernels
+    loaded from the store apart from kernels compiled, and what the background builder is doing."""
+    return {**compiling.cache_info(), **info()}
+
+
+def clear() -> None:
+    with _lock:
+        _kernels.clear()
+
+
+class recording:
+    """Within it, calls that would hand a kernel to the background builder note its job instead (and compute
+    eagerly); on exit the signatures seen are forgotten, so later calls look in the store again."""
+
+    def __enter__(self) -> list:
+        global _recording
+        with _lock:
+            _recording = []
+            clear()
+            return _recording
+
+    def __exit__(self, *exc) -> None:
+        global _recording
+        with _lock:
+            _recording = None
+            clear()
+
+
+def forced_background():
+    """A context in which the store policy applies whatever NORMZOO_COMPILE says (for precompile)."""
+    return _ModeOverride("background")
+
+
+class _ModeOverride:
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __enter__(self):
+        self.saved = os.environ.get(ENV_COMPILE)
+        os.environ[ENV_COMPILE] = self.value
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop(ENV_COMPILE, None)
+        else:
+            os.environ[ENV_COMPILE] = self.saved
