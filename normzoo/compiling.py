@@ -1,6 +1,7 @@
-"""When and how torch.compile is applied to the engine.
+"""The in-memory compile: torch.compile applied to the engine in this process (NORMZOO_COMPILE=sync, and whatever
+the kernel store does not take; normzoo.policy decides which calls come here).
 
-Policy (measured on a 2-core AVX-512 Xeon, torch 2.13; dynamo falls back to eager after 8 recompiles of one code
+How (measured on a 2-core AVX-512 Xeon, torch 2.13; dynamo falls back to eager after 8 recompiles of one code
 object, so that limit must never be reached):
 
 - one kernel per input signature: spec, shape, layout, dtype, device (not requires_grad or grad mode), kept in a
@@ -16,14 +17,17 @@ object, so that limit must never be reached):
   which saves ~60-80 us a call. Where a graph recorded a shape guard that another batch size could fail, calls keep
   going through dynamo and its guards instead;
 - first calls compile under a lock: concurrent threads meeting a new signature compile it once;
-- inside a user's own torch.compile region the engine is traced inline (no nested compile, no graph break); inside
-  torch.func transforms it runs as plain differentiable ops;
+- inside a user's own torch.compile region the engine is traced inline as plain differentiable ops (no nested
+  compile, no graph break, and no autograd.Function, which would keep AOTAutograd from caching the user's graph);
+  inside torch.func transforms it runs as plain differentiable ops too;
+- kernels read the thread count at run time (Inductor's cpp.dynamic_threads), so Inductor's cache serves a process
+  with another thread count;
 - NORMZOO_COMPILE=0 (or compile=False on a layer) runs the engine eagerly, on purpose;
 - if Inductor cannot compile at all (no C++ compiler), warn once and compute eagerly from then on.
 
-Background compiling (first calls eager while a thread compiles) was tried and left out: dynamo's state is
-process-wide (torch.compiler.is_compiling() read True in the main thread during a background compile, and config
-patches leak across threads).
+Background compiling in a thread of this process was tried and left out: dynamo's state is process-wide
+(torch.compiler.is_compiling() read True in the main thread during a background compile, and config patches leak
+across threads). normzoo.builder compiles in a process of its own instead.
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ class StoreKernel:
             return tuple(entry([t for t in tensors if t is not None]))
         if entry is _FALLBACK:
             return self._in_memory().forward(tensors)
-        _stats.eager_calls += 1
+        _stats.eager_calls += _recording is None
         return engine.forward_inference(self.spec, *tensors)
 
     def backward(self, needs, tensors: tuple):
@@ -178,7 +178,7 @@ class StoreKernel:
                          for need, t in zip(needs, tensors[:3]))
         if entry is _FALLBACK:
             return self._in_memory().backward(needs, tensors)
-        _stats.eager_calls += 1
+        _stats.eager_calls += _recording is None
         return engine.backward(self.spec, needs, *tensors)
 
     def _in_memory(self) -> compiling._Kernel:
