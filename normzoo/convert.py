@@ -7,8 +7,9 @@
 
 Slots that are converted: torch.nn's BatchNorm1d/2d/3d (and Lazy*), SyncBatchNorm, InstanceNorm1d/2d/3d, GroupNorm,
 LayerNorm and RMSNorm, channels-first LayerNorms (below), normzoo's own layers (FrozenBatchNorm2d, SyncBatchNorm,
-RMSNorm and LayerNorm2d included), and subclasses of these (see "Subclasses" below). Other modules
-(LocalResponseNorm, user classes) are left as they are.
+RMSNorm and LayerNorm2d included), subclasses of these (see "Subclasses" below), and norms of other libraries that a
+probe recognizes (see "Other libraries' norms" below). Other modules are left as they are, and those that look like
+norms are reported (see "Never silently" below).
 
 Hyperparameters (the rule):
 - Same family (BatchNorm*d / SyncBatchNorm / FrozenBatchNorm2d -> a batch_norm, sync_batch_norm or frozen_batch_norm
@@ -47,6 +48,22 @@ own is converted only when convert() recognizes it:
   (below). Any other forward (a LayerNorm subclass that permutes, scales or activates in a way not listed here) is
   refused with a ConversionError naming the class and why. So are norm layers carrying forward or backward hooks,
   which the replacement would silently lose, and uninitialized lazy layers (run a forward first).
+
+Other libraries' norms (transformers' LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm, T5LayerNorm, ...): a module that is
+not torch's or normzoo's, has no children, a 1-D `weight` parameter (an optional `bias` of its shape, nothing else)
+and a numeric `variance_epsilon` or `eps`, is probed (recognize_norm): on float64 rows of three scales (one near
+sqrt(eps), so the eps it computes with must be the attribute's), with a random affine, in train and eval mode, its
+forward must equal x / sqrt(mean(x^2) + eps) * weight (an RMSNorm slot) or F.layer_norm over the last dim (a
+LayerNorm slot), to 1e-5 (these layers compute in float32 even for float64 input). The slot then follows the rules
+of torch.nn.RMSNorm / LayerNorm slots: `rms` keeps eps (variance_epsilon) and the weight, state_dict keys stay
+`weight` (and `bias`). A norm the probe identifies but normzoo cannot represent is refused with a ConversionError
+naming the class and why: Gemma's RMSNorm, x_hat * (1 + weight). A module whose probe fails is left and reported.
+
+Never silently: after the replacements are planned, every module left as it was that looks like a norm
+(looks_like_norm: a leaf module whose class name holds the word Norm, as LocalResponseNorm or OlmoLayerNorm, or with a
+1-D weight and a numeric eps / variance_epsilon; normzoo's own modules and torch.nn.utils' parametrizations are not)
+is listed, with the reason, in a ConversionWarning; strict=True raises a ConversionError instead, before anything is
+swapped.
 
 Other rules:
 - num_features comes from the old layer: num_features, num_channels, or normalized_shape for a LayerNorm slot.
@@ -617,7 +634,7 @@ def recognize_norm(module: nn.Module) -> tuple[nn.Module | None, str]:
     Raises ConversionError (without a path: convert() adds it) for a norm it recognizes but cannot represent."""
     cls = type(module)
     if is_norm_layer(module) or cls.__module__.startswith(("torch.", "normzoo.")):
-        return None, "it is a torch or normzoo module"
+        return None, "a torch or normzoo module with no normzoo layer to replace it"
     why = _foreign_shape(module)
     if why is not None:
         return None, why

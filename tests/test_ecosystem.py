@@ -323,7 +323,7 @@ def test_recognize_norm_probes_rather_than_trusts_names():
     stand_in, why = recognize_norm(HardcodedEpsRMSNorm(8))
     assert stand_in is None and "neither RMSNorm's nor LayerNorm's" in why
     assert recognize_norm(ScaledNorm(8))[0] is None
-    assert recognize_norm(nn.Linear(4, 4))[1] == "it is a torch or normzoo module"
+    assert recognize_norm(nn.Linear(4, 4))[1].startswith("a torch or normzoo module")
     assert "no 1-D weight" in recognize_norm(OlmoLayerNorm(8))[1]
 
 
