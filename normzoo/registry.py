@@ -291,10 +291,17 @@ def _build_for_slot(spec, num_features: int, kwargs: dict) -> nn.Module:
         activation = _slot_activation(spec, norm_act, kwargs, _slot_caller(3))
         if activation is not None:
             kwargs["activation"] = activation
-    if isinstance(spec, (str, Mapping)) or spec_class(spec) is not None:  # normzoo's and torch.nn's classes take them
-        return build(spec, num_features, **placement, **kwargs)
-    layer = build(spec, num_features, **kwargs)  # a function: built, then placed
-    return layer.to(**placement) if placement else layer
+    try:
+        if isinstance(spec, (str, Mapping)) or spec_class(spec) is not None:  # normzoo's / torch.nn's classes: placed
+            return build(spec, num_features, **placement, **kwargs)
+        layer = build(spec, num_features, **kwargs)  # a function: built, then placed
+        return layer.to(**placement) if placement else layer
+    except (ValueError, TypeError) as err:
+        if type(err) not in (ValueError, TypeError, PresetError):
+            raise
+        args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        raise type(err)(f"{_spec_label(spec)} cannot fill the slot{_slot_caller(2)} ({num_features} features"
+                        f"{args}): {err}") from err
 
 
 class _NormLayerType(type):

@@ -116,6 +116,15 @@ def test_norm_factory_device_dtype_for_a_function_spec_and_overrides():
     assert again(64).eps == 1e-3
 
 
+def test_a_spec_that_cannot_fill_a_slot_names_the_slot_and_the_reason():
+    with pytest.raises(ValueError, match=r"^normzoo\.norm_factory\('gn32'\) cannot fill the slot in "
+                                         r".*TorchvisionBlock\.__init__ \(test_ecosystem\.py:\d+\) \(48 features\): "
+                                         r"num_channels \(48\) must be divisible by num_groups \(32\)"):
+        TorchvisionBlock(48, normzoo.norm_factory("gn32"))
+    with pytest.raises(TypeError, match=r"norm_factory\(.*\) cannot fill the slot .*\(8 features, bogus=1\)"):
+        normzoo.norm_factory(lambda c: nn.BatchNorm2d(c))(8, bogus=1)
+
+
 def test_norm_act_keywords_fuse_or_refuse():
     """timm's BatchNormAct2d keywords: the model's activation is fused, or the call is refused. Never dropped."""
     factory = normzoo.norm_factory("bn")
