@@ -642,7 +642,8 @@ def recognize_norm(module: nn.Module) -> tuple[nn.Module | None, str]:
     weight, bias = module._parameters["weight"], module._parameters.get("bias")
     if weight.is_meta:
         return None, "its weight is on the meta device, so it cannot be probed"
-    family, why = _probe_foreign(module, eps)
+    with torch.random.fork_rng(devices=[]):  # converting must not shift the model's (CPU) random stream
+        family, why = _probe_foreign(module, eps)
     if family == "offset":
         raise ConversionError(f"cannot replace {cls.__name__}({weight.shape[0]}): {why}; convert() refuses rather "
                               f"than change what the model computes")

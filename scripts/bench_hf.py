@@ -9,8 +9,10 @@ Two sizes: `tiny` (hidden 64, 2 layers, 4 heads, vocab 128: the size of the test
   normzoo eager  convert(model, "rms", compile=False)
 Every contender's logits must agree with hf's (float32: 1e-3 of the largest logit; bfloat16: 5e-2) before timing.
 Then `--blocks` blocks, each timing `--calls` forwards under torch.inference_mode per contender, the contenders
-interleaved and rotated (none always first). Reported: median ms per forward over the blocks, the
-interquartile range over the median (noise), and the ratio to hf.
+interleaved and rotated (none always first). Reported per forward, medians over the blocks: wall ms and process
+CPU ms (time.process_time: on a shared machine the CPU time of this process is less inflated by neighbours than
+the wall time; with --threads 1 it is the compute time), the CPU time's interquartile range over its median
+(noise), and the ratios to hf.
 The CPU model, torch and transformers versions and the thread count are printed first.
 
     pip install -r requirements-integration.txt -e .      # transformers (README, "Norms in real models")
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import subprocess
@@ -64,12 +67,13 @@ def build(size: str, dtype: torch.dtype):
     return model.to(dtype)
 
 
-def time_block(model, ids, calls: int) -> float:
+def time_block(model, ids, calls: int) -> tuple[float, float]:
+    """(wall ms, process CPU ms) per forward."""
     with torch.inference_mode():
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(calls):
             model(ids)
-        return (time.perf_counter() - start) / calls * 1e3
+        return (time.perf_counter() - wall) / calls * 1e3, (time.process_time() - cpu) / calls * 1e3
 
 
 def main(argv=None) -> int:
@@ -80,13 +84,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--blocks", type=int, default=9)
     ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import transformers
 
     print(f"CPU: {cpu_model()}; torch {torch.__version__}; transformers {transformers.__version__}; "
           f"threads {torch.get_num_threads()}; input {args.batch} x {args.seq} tokens; "
-          f"{args.blocks} blocks x {args.calls} forwards, interleaved; medians")
+          f"{args.blocks} blocks x {args.calls} forwards, interleaved; medians; load average "
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     rows, failed = [], False
     for size in args.sizes:
         for dname in args.dtypes:
@@ -104,19 +112,22 @@ def main(argv=None) -> int:
                         print(f"{size} {dname} {name}: logits differ from hf's by {err:.3g}", file=sys.stderr)
                         failed = True
                     model(ids)
-            times = {name: [] for name in contenders}
+            walls, cpus = {name: [] for name in contenders}, {name: [] for name in contenders}
             order = list(contenders)
             for block in range(args.blocks):
                 for name in order[block % len(order):] + order[:block % len(order)]:
-                    times[name].append(time_block(contenders[name], ids, args.calls))
-            base = statistics.median(times["hf"])
-            for name, ts in times.items():
-                med = statistics.median(ts)
-                q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [med, med, med]
-                rows.append((size, dname, name, f"{med:.2f}", f"{(q[2] - q[0]) / med:.2f}", f"{med / base:.2f}"))
+                    wall, cpu = time_block(contenders[name], ids, args.calls)
+                    walls[name].append(wall)
+                    cpus[name].append(cpu)
+            base_wall, base_cpu = statistics.median(walls["hf"]), statistics.median(cpus["hf"])
+            for name in contenders:
+                wall, cpu = statistics.median(walls[name]), statistics.median(cpus[name])
+                q = statistics.quantiles(cpus[name], n=4) if args.blocks > 1 else [cpu, cpu, cpu]
+                rows.append((size, dname, name, f"{wall:.2f}", f"{wall / base_wall:.2f}", f"{cpu:.2f}",
+                             f"{(q[2] - q[0]) / cpu:.2f}", f"{cpu / base_cpu:.2f}"))
     print()
-    print("| model | dtype | norms | forward ms (median) | iqr / median | / hf |")
-    print("|---|---|---|---|---|---|")
+    print("| model | dtype | norms | wall ms | wall / hf | CPU ms | CPU iqr / median | CPU / hf |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     return 1 if failed else 0

@@ -391,3 +391,13 @@ def test_no_report_on_replaced_norms_normzoo_layers_or_unrelated_modules():
     assert not any(looks_like_norm(m) for m in (nn.Linear(2, 2), nn.Embedding(2, 2), nn.SiLU(), nn.Dropout(),
                                                  NormAct(nn.BatchNorm2d(2)), normzoo.RMSNorm(4, compile=False)))
     assert all(looks_like_norm(m) for m in (nn.LocalResponseNorm(2), GemmaRMSNorm(4), OlmoLayerNorm(4)))
+
+
+def test_probing_leaves_the_random_stream_alone():
+    model = nn.Sequential(TinyDecoder(), ScaledNorm(8))
+    torch.manual_seed(3)
+    with pytest.warns(normzoo.ConversionWarning):
+        normzoo.convert(model, "rms", compile=False)
+    after = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(4))
