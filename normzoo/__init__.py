@@ -17,7 +17,7 @@ from .layers import (
 from .registry import available, build, load_presets, norm_factory
 from .frozen import FrozenBatchNorm2d
 from .sync import SyncBatchNorm
-from .convert import ConversionError, convert
+from .convert import ConversionError, ConversionWarning, convert
 from .check import CheckError, check  # the function shadows the module name: import normzoo.check's names from it
 from ._version import __version__
 from .policy import cache_info
@@ -26,7 +26,7 @@ from .precompile import precompile
 __all__ = [
     "GroupNorm", "LayerNorm", "RMSNorm", "LayerNorm2d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-    "FrozenBatchNorm2d", "SyncBatchNorm", "convert", "ConversionError",
+    "FrozenBatchNorm2d", "SyncBatchNorm", "convert", "ConversionError", "ConversionWarning",
     "functional", "build", "norm_factory", "available", "load_presets", "check", "CheckError",
     "precompile", "cache_info",
 ]

@@ -7,8 +7,9 @@
 
 Slots that are converted: torch.nn's BatchNorm1d/2d/3d (and Lazy*), SyncBatchNorm, InstanceNorm1d/2d/3d, GroupNorm,
 LayerNorm and RMSNorm, channels-first LayerNorms (below), normzoo's own layers (FrozenBatchNorm2d, SyncBatchNorm,
-RMSNorm and LayerNorm2d included), and subclasses of these (see "Subclasses" below). Other modules
-(LocalResponseNorm, user classes) are left as they are.
+RMSNorm and LayerNorm2d included), subclasses of these (see "Subclasses" below), and norms of other libraries that a
+probe recognizes (see "Other libraries' norms" below). Other modules are left as they are, and those that look like
+norms are reported (see "Never silently" below).
 
 Hyperparameters (the rule):
 - Same family (BatchNorm*d / SyncBatchNorm / FrozenBatchNorm2d -> a batch_norm, sync_batch_norm or frozen_batch_norm
@@ -48,6 +49,22 @@ own is converted only when convert() recognizes it:
   refused with a ConversionError naming the class and why. So are norm layers carrying forward or backward hooks,
   which the replacement would silently lose, and uninitialized lazy layers (run a forward first).
 
+Other libraries' norms (transformers' LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm, T5LayerNorm, ...): a module that is
+not torch's or normzoo's, has no children, a 1-D `weight` parameter (an optional `bias` of its shape, nothing else)
+and a numeric `variance_epsilon` or `eps`, is probed (recognize_norm): on float64 rows of three scales (one near
+sqrt(eps), so the eps it computes with must be the attribute's), with a random affine, in train and eval mode, its
+forward must equal x / sqrt(mean(x^2) + eps) * weight (an RMSNorm slot) or F.layer_norm over the last dim (a
+LayerNorm slot), to 1e-5 (these layers compute in float32 even for float64 input). The slot then follows the rules
+of torch.nn.RMSNorm / LayerNorm slots: `rms` keeps eps (variance_epsilon) and the weight, state_dict keys stay
+`weight` (and `bias`). A norm the probe identifies but normzoo cannot represent is refused with a ConversionError
+naming the class and why: Gemma's RMSNorm, x_hat * (1 + weight). A module whose probe fails is left and reported.
+
+Never silently: after the replacements are planned, every module left as it was that looks like a norm
+(looks_like_norm: a leaf module whose class name holds the word Norm, as LocalResponseNorm or OlmoLayerNorm, or with a
+1-D weight and a numeric eps / variance_epsilon; normzoo's own modules and torch.nn.utils' parametrizations are not)
+is listed, with the reason, in a ConversionWarning; strict=True raises a ConversionError instead, before anything is
+swapped.
+
 Other rules:
 - num_features comes from the old layer: num_features, num_channels, or normalized_shape for a LayerNorm slot.
 - Channel slots (BatchNorm, InstanceNorm, GroupNorm, ...) normalize dim 1 of (N, C, *): a preset of the batch_norm or
@@ -78,6 +95,9 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import numbers
+import re
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -88,12 +108,16 @@ from . import layers, registry
 from .frozen import FrozenBatchNorm2d
 from .sync import SyncBatchNorm
 
-__all__ = ["convert", "ConversionError", "is_norm_layer", "NormAct", "is_channels_first_layer_norm",
-           "CHANNELS_FIRST_LAYER_NORMS"]
+__all__ = ["convert", "ConversionError", "ConversionWarning", "is_norm_layer", "NormAct",
+           "is_channels_first_layer_norm", "CHANNELS_FIRST_LAYER_NORMS", "recognize_norm", "looks_like_norm"]
 
 
 class ConversionError(ValueError):
     """A norm layer of the model cannot be replaced by the preset; the message names the layer's path."""
+
+
+class ConversionWarning(UserWarning):
+    """convert() left modules that look like norms as they were (convert(..., strict=True) raises instead)."""
 
 
 _NN_BN = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, Lazy*, SyncBatchNorm
@@ -524,6 +548,151 @@ def _nest_norm_keys(module: NormAct, state_dict, prefix: str, local_metadata, st
             state_dict[prefix + "norm." + key[len(prefix):]] = state_dict.pop(key)
 
 
+# ------------------------------------------------- norms of other libraries (Hugging Face transformers), by probe
+
+
+def _foreign_eps(module: nn.Module) -> float | None:
+    """The module's eps: `variance_epsilon` (transformers' RMSNorms) or `eps`, where it is a number."""
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(module, name, None)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _foreign_shape(module: nn.Module) -> str | None:
+    """None when `module` has the shape of a last-dim norm convert() can probe (no children, a 1-D `weight`
+    parameter, an optional `bias` of the same shape, no other parameters or buffers, a numeric eps); else why not."""
+    if next(module.children(), None) is not None:
+        return "it has child modules"
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return "it has no 1-D weight parameter"
+    if bias is not None and bias.shape != weight.shape:
+        return "its bias is not shaped like its weight"
+    others = [n for n, p in module._parameters.items() if p is not None and n not in ("weight", "bias")]
+    others += [n for n, b in module._buffers.items() if b is not None]
+    if others:
+        return f"it holds {others} besides weight and bias"
+    if _foreign_eps(module) is None:
+        return "it has no numeric eps or variance_epsilon attribute"
+    return None
+
+
+def _probe_foreign(module: nn.Module, eps: float) -> tuple[str | None, str]:
+    """What a last-dim norm of another library computes, by a float64 probe: ("rms_norm" | "layer_norm", "") when
+    its forward equals x / sqrt(mean(x^2) + eps) * weight, or F.layer_norm(x, (D,), weight, bias, eps), in train and
+    eval mode, on rows of 3 scales (one near sqrt(eps), so eps must be the attribute's) with a random affine;
+    ("offset", why) for x_hat * (1 + weight) (Gemma's RMSNorm); (None, why) otherwise. Tolerance 1e-5: such layers
+    compute in float32 even for float64 inputs (transformers' RMSNorms upcast to float32 and cast back)."""
+    D = module._parameters["weight"].shape[0]
+    has_bias = module._parameters.get("bias") is not None
+    gen = torch.Generator().manual_seed(0)
+    probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
+    with torch.no_grad():
+        probe.weight.copy_(torch.rand(D, generator=gen, dtype=torch.float64) + 0.5)
+        if has_bias:
+            probe.bias.copy_(torch.randn(D, generator=gen, dtype=torch.float64))
+        scales = torch.tensor([2.0, 0.5, max(eps, 1e-12) ** 0.5], dtype=torch.float64).view(3, 1, 1)
+        x = (torch.randn(3, 4, D, generator=gen, dtype=torch.float64) + 0.5) * scales
+        w, b = probe.weight, probe.bias if has_bias else None
+        x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        wants = {"layer_norm": F.layer_norm(x, (D,), w, b, eps)}
+        if not has_bias:
+            wants.update(rms_norm=x_hat * w, offset=x_hat * (1 + w))
+        matched = set(wants)
+        for training in (True, False):
+            probe.train(training)
+            try:
+                got = type(module).forward(probe, x.clone())
+            except Exception as err:  # noqa: BLE001 - whatever it raises: not a norm convert() knows
+                return None, (f"its forward on a (3, 4, {D}) float64 probe raised {type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}")
+            ok = isinstance(got, torch.Tensor) and got.shape == x.shape
+            matched &= {k for k, want in wants.items()
+                        if ok and torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)}
+    if "rms_norm" in matched or "layer_norm" in matched:
+        return ("rms_norm" if "rms_norm" in matched else "layer_norm"), ""
+    if "offset" in matched:
+        return "offset", ("it computes x / sqrt(mean(x^2) + eps) * (1 + weight), with its weight stored as an offset "
+                          "from 1 (Gemma's RMSNorm), while normzoo.RMSNorm multiplies by weight: the layer would "
+                          "compute otherwise and checkpoints would not load unchanged")
+    return None, (f"its forward is neither RMSNorm's nor LayerNorm's over the last dim (checked on a float64 probe "
+                  f"with eps={eps:g})")
+
+
+@functools.lru_cache(maxsize=None)
+def _stand_in_class(name: str, module_name: str, base: type) -> type:
+    """A torch.nn base subclass under the foreign class's name, so messages name the model's class."""
+    return type(name, (base,), {"__module__": module_name})
+
+
+def recognize_norm(module: nn.Module) -> tuple[nn.Module | None, str]:
+    """For a module of another library (transformers' LlamaRMSNorm, T5LayerNorm, ...): (a torch.nn.RMSNorm or
+    LayerNorm stand-in with its eps, weight (and bias), device, dtype and mode, ""), when its structure and a
+    float64 probe (_probe_foreign) show it computes that norm over the last dim; (None, why not) otherwise.
+    Raises ConversionError (without a path: convert() adds it) for a norm it recognizes but cannot represent."""
+    cls = type(module)
+    if is_norm_layer(module) or cls.__module__.startswith(("torch.", "normzoo.")):
+        return None, "a torch or normzoo module with no normzoo layer to replace it"
+    why = _foreign_shape(module)
+    if why is not None:
+        return None, why
+    eps = _foreign_eps(module)
+    weight, bias = module._parameters["weight"], module._parameters.get("bias")
+    if weight.is_meta:
+        return None, "its weight is on the meta device, so it cannot be probed"
+    with torch.random.fork_rng(devices=[]):  # converting must not shift the model's (CPU) random stream
+        family, why = _probe_foreign(module, eps)
+    if family == "offset":
+        raise ConversionError(f"cannot replace {cls.__name__}({weight.shape[0]}): {why}; convert() refuses rather "
+                              f"than change what the model computes")
+    if family is None:
+        return None, why
+    name = cls.__name__ if cls.__name__ not in CHANNELS_FIRST_LAYER_NORMS else cls.__name__ + "_"
+    base = nn.RMSNorm if family == "rms_norm" else nn.LayerNorm
+    kwargs = {} if family == "rms_norm" else {"bias": bias is not None}
+    stand_in = _stand_in_class(name, cls.__module__, base)(weight.shape[0], eps=eps, elementwise_affine=True,
+                                                           device=weight.device, dtype=weight.dtype, **kwargs)
+    with torch.no_grad():
+        stand_in.weight.copy_(weight)
+        if bias is not None:
+            stand_in.bias.copy_(bias)
+    stand_in.train(module.training)
+    return stand_in, ""
+
+
+def _foreign_hooks(module: nn.Module) -> list[str]:
+    return [kind for kind, d in (("forward", module._forward_hooks), ("forward pre", module._forward_pre_hooks),
+                                 ("backward", module._backward_hooks),
+                                 ("backward pre", getattr(module, "_backward_pre_hooks", {}))) if d]
+
+
+_NORM_NAME = re.compile(r"Norm(?![a-z])")  # a CamelCase word: LayerNorm, RMSNorm2d, GroupNormAct; not Normalize
+
+
+def looks_like_norm(module: nn.Module) -> bool:
+    """True for a module that looks like a normalization layer: a leaf module (no children) whose class name holds
+    the word Norm (LayerNorm, LlamaRMSNorm, LocalResponseNorm; not Normalize), or that has a 1-D weight and a numeric
+    eps / variance_epsilon. normzoo's own modules and torch.nn.utils' (weight_norm's and spectral_norm's
+    parametrizations) are not. convert() reports such modules when it leaves them as they were."""
+    cls = type(module)
+    if cls.__module__.startswith(("normzoo.", "torch.nn.utils.")) or next(module.children(), None) is not None:
+        return False
+    if _NORM_NAME.search(cls.__name__):
+        return True
+    weight = module._parameters.get("weight")
+    return _foreign_eps(module) is not None and isinstance(weight, torch.Tensor) and weight.dim() == 1
+
+
+def _unwrap_factory(spec, overrides: dict) -> tuple[object, dict]:
+    """normzoo.norm_factory(spec, **kw) given to convert() is the spec itself (checked as a preset), kw overrides."""
+    if isinstance(spec, functools.partial) and spec.func is registry.NormLayer and not spec.args:
+        bound = dict(spec.keywords)
+        return bound.pop("spec"), {**bound, **overrides}
+    return spec, overrides
+
+
 # --------------------------------------------------------------------------------------------------- convert
 
 
@@ -566,7 +735,7 @@ def _replacement(path: str, old: nn.Module, spec, overrides: dict, fallback: tor
     return out
 
 
-def convert(model: nn.Module, spec, **overrides) -> nn.Module:
+def convert(model: nn.Module, spec, *, strict: bool = False, **overrides) -> nn.Module:
     """Replace every normalization layer of `model` by the layer `spec` names, built for that slot.
 
     Same-family conversion keeps the model's eps, momentum, affine, bias and track_running_stats; cross-family
@@ -577,6 +746,8 @@ def convert(model: nn.Module, spec, **overrides) -> nn.Module:
         model: any nn.Module; changed in place.
         spec: a preset name ("gn32", "bn", "frozen_bn", ...), a spec dict {"type": ..., **kwargs}, or a class /
             callable taking num_features.
+        strict: raise a ConversionError, instead of a ConversionWarning, when modules that look like norms
+            (looks_like_norm) are left as they were.
         overrides: constructor arguments for every new layer, winning over the preset's and the kept values
             (e.g. ``compile=False``, ``eps=1e-3``).
 
@@ -591,14 +762,19 @@ def convert(model: nn.Module, spec, **overrides) -> nn.Module:
 
         >>> model = normzoo.convert(model, "gn32", compile=False)
     """
+    spec, overrides = _unwrap_factory(spec, overrides)
     if isinstance(spec, (str, Mapping)):
         registry.resolve_spec(spec)  # unknown name: PresetError before anything else
     fallback = next((p for p in model.parameters() if p.is_floating_point()), None)
     # Build every replacement first, so a failing layer leaves the model untouched.
     replacements: dict[int, nn.Module] = {}
+    skipped: list[str] = []  # modules that look like norms, left as they are: "path (Class: why)"
     for path, module in model.named_modules(remove_duplicate=True):
         if is_norm_layer(module):
             replacements[id(module)] = _replacement(path or "<root>", module, spec, overrides, fallback)
+        else:
+            replacements.update(_foreign_replacement(path or "<root>", module, spec, overrides, fallback, skipped))
+    _report_skipped(skipped, strict)
 
     if id(model) in replacements:
         return replacements[id(model)]
@@ -607,6 +783,35 @@ def convert(model: nn.Module, spec, **overrides) -> nn.Module:
             if id(child) in replacements:
                 setattr(module, name, replacements[id(child)])
     return model
+
+
+def _foreign_replacement(path: str, module: nn.Module, spec, overrides: dict, fallback, skipped: list) -> dict:
+    """{id(module): its replacement} for a norm of another library that recognize_norm() recognizes; {} else,
+    with `path` added to `skipped` where the module looks like a norm."""
+    try:
+        stand_in, why = recognize_norm(module)
+    except ConversionError as err:
+        raise ConversionError(f"{path}: {err}") from None
+    if stand_in is None:
+        if looks_like_norm(module):
+            skipped.append(f"{path} ({type(module).__name__}: {why})")
+        return {}
+    hooks = _foreign_hooks(module)
+    if hooks:
+        raise ConversionError(f"{path}: cannot replace {_describe(stand_in)}: it has {' and '.join(hooks)} hooks, "
+                              f"which the new layer would not run; convert before registering them")
+    return {id(module): _replacement(path, stand_in, spec, overrides, fallback)}
+
+
+def _report_skipped(skipped: list[str], strict: bool) -> None:
+    if not skipped:
+        return
+    listing = "; ".join(skipped[:20]) + (f"; and {len(skipped) - 20} more" if len(skipped) > 20 else "")
+    message = (f"convert() left {len(skipped)} module(s) that look like norms as they were, not knowing what they "
+               f"compute: {listing}")
+    if strict:
+        raise ConversionError(message + " (strict=True; nothing was replaced)")
+    warnings.warn(message + ". Pass strict=True to make this an error.", ConversionWarning, stacklevel=3)
 
 
 def convert_frozen_batchnorm(cls, module: nn.Module) -> nn.Module:

@@ -12,6 +12,7 @@ import inspect
 import math
 import numbers
 import re
+import sys
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -193,13 +194,154 @@ def spec_class(spec) -> type | None:
 
 
 def norm_factory(spec, **overrides) -> Callable[[int], nn.Module]:
-    """A callable num_features -> layer, for `norm_layer=` slots in model constructors. Checks the spec now."""
+    """A callable num_features -> layer, for `norm_layer=` slots in model constructors. Checks the spec now.
+
+    It is ``functools.partial(NormLayer, spec=spec, **overrides)``: the spec travels as a keyword, so timm's
+    get_norm_layer (which unbinds a partial and keeps only its keywords) keeps it, and device=/dtype= keywords of
+    the call reach the layer. See NormLayer for the norm + activation slots."""
     if isinstance(spec, (str, Mapping)):
         resolve_spec(spec)  # fail at model definition, not at the first layer
     elif not callable(spec):
         raise PresetError(f"a norm spec must be a preset name, a dict, a class or a callable; got {spec!r}")
-    factory = functools.partial(build, spec, **overrides)
+    factory = functools.partial(NormLayer, spec=spec, **overrides)
     return factory
+
+
+# ------------------------------------------------------------------------ norm_layer= slots: what norm_factory gives
+
+
+class SlotError(TypeError):
+    """A norm_factory layer was asked to fill a slot it cannot fill as asked: a norm + activation slot whose
+    activation it would drop. The message names the slot (the calling module) and what to do instead."""
+
+
+# Keywords of timm's norm + activation layers (timm/layers/norm_act.py, BatchNormAct2d and kin): a call with any of
+# them asks for a norm followed by an activation.
+NORM_ACT_KEYWORDS = ("apply_act", "act_layer", "act_kwargs", "inplace", "drop_layer")
+_FUSED_BY_NAME = {"relu": "relu", "silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}
+_FUSED_BY_CLASS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu"}
+
+
+def _slot_caller(depth: int) -> str:
+    """' in Class.method (file:line)' for the nearest frame (from `depth` up) that runs inside an nn.Module's
+    method (the module whose slot is being filled), else ''."""
+    frame = sys._getframe(depth)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and frame.f_code.co_filename != __file__:
+            return (f" in {type(owner).__module__}.{type(owner).__qualname__}.{frame.f_code.co_name} "
+                    f"({Path(frame.f_code.co_filename).name}:{frame.f_lineno})")
+        frame = frame.f_back
+    return ""
+
+
+def _convert_hint(spec) -> str:
+    return (f"build the model with its own norm layers, then swap them: model = normzoo.convert(model, {spec!r}) "
+            f"(after timm.create_model(...)); convert() keeps each slot's activation, fused where normzoo can")
+
+
+def _spec_label(spec) -> str:
+    return f"normzoo.norm_factory({spec!r})"
+
+
+def _slot_activation(spec, norm_act: dict, overrides: dict, where: str) -> str | None:
+    """The fused activation= a norm + activation call asks for (None: none), or SlotError where normzoo's layer
+    would not compute what the slot asks (an activation it cannot fuse, or one it is not told)."""
+    asked = ", ".join(f"{k}={v!r}" for k, v in norm_act.items())
+    who = f"{_spec_label(spec)} was called as a norm + activation layer ({asked}){where}"
+    if norm_act.get("drop_layer") is not None:
+        raise SlotError(f"{who}: normzoo's layers apply no dropout after the norm, so the slot would lose its "
+                        f"drop_layer; {_convert_hint(spec)}")
+    if not norm_act.get("apply_act", True):
+        return None
+    if "act_layer" not in norm_act:
+        raise SlotError(f"{who}, but it is not told which activation: timm's get_norm_act_layer passes act_layer "
+                        f"only to its own norm-act classes, so a norm alone would build the model without its "
+                        f"activation; {_convert_hint(spec)}")
+    act, act_kwargs = norm_act["act_layer"], dict(norm_act.get("act_kwargs") or {})
+    if act is None:
+        return None
+    unknown = [k for k in act_kwargs if k not in ("inplace", "approximate")]
+    if isinstance(act, str):
+        name = _FUSED_BY_NAME.get(act.lower())
+    else:
+        name = _FUSED_BY_CLASS.get(act) if isinstance(act, type) else None
+    if name == "gelu" and act_kwargs.get("approximate", "none") == "tanh":
+        name = "gelu_tanh"
+    if name is None or unknown:
+        raise SlotError(f"{who}: normzoo fuses only relu, silu (swish), gelu and gelu_tanh, given as a name or as "
+                        f"exactly nn.ReLU, nn.SiLU, nn.GELU without other act_kwargs; the slot's "
+                        f"{getattr(act, '__name__', act)!s}{f' with {act_kwargs}' if act_kwargs else ''} would be "
+                        f"dropped; {_convert_hint(spec)}")
+    if not (isinstance(spec, (str, Mapping)) or spec_class(spec) in {c for c, _ in LAYER_TYPES.values()}):
+        raise SlotError(f"{who}: {spec!r} is not a normzoo preset or layer class, so it takes no activation= and the "
+                        f"slot's {name} would be dropped; {_convert_hint(spec)}")
+    own = overrides.get("activation", resolve_spec(spec).get("activation") if isinstance(spec, (str, Mapping))
+                        else None)
+    if own is not None and own != name:
+        raise SlotError(f"{who}: the spec applies activation={own!r} and the slot asks for {name!r}; use a spec "
+                        f"without an activation")
+    return name
+
+
+def _build_for_slot(spec, num_features: int, kwargs: dict) -> nn.Module:
+    norm_act = {k: kwargs.pop(k) for k in NORM_ACT_KEYWORDS if k in kwargs}
+    placement = {k: v for k, v in ((k, kwargs.pop(k, None)) for k in ("device", "dtype")) if v is not None}
+    if norm_act:
+        activation = _slot_activation(spec, norm_act, kwargs, _slot_caller(3))
+        if activation is not None:
+            kwargs["activation"] = activation
+    try:
+        if isinstance(spec, (str, Mapping)) or spec_class(spec) is not None:  # normzoo's / torch.nn's classes: placed
+            return build(spec, num_features, **placement, **kwargs)
+        layer = build(spec, num_features, **kwargs)  # a function: built, then placed
+        return layer.to(**placement) if placement else layer
+    except (ValueError, TypeError) as err:
+        if type(err) not in (ValueError, TypeError, PresetError):
+            raise
+        args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        raise type(err)(f"{_spec_label(spec)} cannot fill the slot{_slot_caller(2)} ({num_features} features"
+                        f"{args}): {err}") from err
+
+
+class _NormLayerType(type):
+    """NormLayer's metaclass. Calling the class builds the spec's layer (a normzoo layer, not a NormLayer). timm's
+    get_norm_act_layer reads the class name of a norm layer to pick a norm + activation class; there the name is
+    refused with SlotError, since timm would then call the layer without telling it the activation."""
+
+    def __call__(cls, num_features, /, *, spec, **kwargs):
+        return _build_for_slot(spec, num_features, kwargs)
+
+    @property
+    def __name__(cls) -> str:  # noqa: PLW3201 - read by timm's get_norm_act_layer (type_name = norm_layer.__name__)
+        frame = sys._getframe(1)
+        if frame.f_code.co_name == "get_norm_act_layer":
+            bound = frame.f_locals.get("norm_act_kwargs") or {}
+            act = frame.f_locals.get("act_layer")
+            spec = bound.get("spec", "...")
+            raise SlotError(
+                f"{_spec_label(spec)} cannot fill timm's norm + activation slots (get_norm_act_layer with "
+                f"act_layer={getattr(act, '__name__', act)!s}{_slot_caller(2)}): timm passes the activation only to "
+                f"its own norm-act classes, so the norm would be built without it; {_convert_hint(spec)}")
+        return "NormLayer"
+
+
+class NormLayer(metaclass=_NormLayerType):
+    """What norm_factory binds: ``NormLayer(num_features, spec=..., **kwargs)`` returns ``build(spec, num_features,
+    **kwargs)``, a normzoo (or the spec's) layer. A class, so that timm's get_norm_layer takes it (it asserts a type,
+    a str, a function or a partial, and keeps a partial's keywords only).
+
+    At every norm_layer= call site:
+    - plain ``norm_layer(C)`` and torchvision's: the layer for C features;
+    - timm's ``norm_layer(C, device=..., dtype=...)``: placed there (None: the default);
+    - norm + activation calls (``apply_act=``, ``act_layer=``, ``act_kwargs=``, ``inplace=``, ``drop_layer=``,
+      timm's BatchNormAct2d keywords): ``apply_act=False`` is the norm alone; an ``act_layer`` normzoo fuses
+      (relu, silu/swish, gelu, gelu_tanh; exactly nn.ReLU, nn.SiLU, nn.GELU) becomes ``activation=``; anything else,
+      an activation it is not told (``inplace=True`` alone) or a ``drop_layer`` raises SlotError, so a model is
+      never built without its activation. timm's get_norm_act_layer (EfficientNet, RegNet, MobileNetV3, ...) calls
+      the layer without its activation, so it is refused there, at model construction: build the model with its
+      own norms and normzoo.convert() it.
+    """
 
 
 def load_presets(path: str | Path) -> list[str]:
