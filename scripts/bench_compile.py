@@ -45,7 +45,6 @@ def _child(workload: str, lib: str, threads: int, quick: bool) -> dict:
     sys.path.insert(0, str(HERE))
     import bench_models as bm  # noqa: E402  (the model stand-ins)
     import normzoo
-    from normzoo import compiling
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -53,23 +52,25 @@ def _child(workload: str, lib: str, threads: int, quick: bool) -> dict:
     out: dict = {"workload": workload, "lib": lib}
     if lib == "normzoo-sync":
         os.environ["NORMZOO_COMPILE"] = "sync"
-    if workload == "resnet18_gn":
+    if workload in ("resnet18_gn", "user_compile"):
         size, batch = (64, 4) if quick else (128, 8)
         norm = (lambda c: nn.GroupNorm(32, c)) if lib == "torch" else (lambda c: normzoo.GroupNorm(32, c))
         width = 32 if quick else 64
         model = bm.ResNet(bm.BasicBlock, [1, 1, 1, 1] if quick else [2, 2, 2, 2], norm, base_width=width)
+        run_model = torch.compile(model) if workload == "user_compile" else model
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
         def step(n, s):
             x, y = torch.randn(n, 3, s, s), torch.randint(0, 100, (n,))
             start = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
+            nn.functional.cross_entropy(run_model(x), y).backward()
             opt.step()
             return time.perf_counter() - start
 
         out["first_s"] = step(batch, size)
         out["steady_s"] = statistics.median(step(batch, size) for _ in range(3 if quick else 5))
+    if workload == "resnet18_gn":
         out["new_batch_s"] = step(batch - 2, size)
         out["new_resolution_s"] = step(batch, size * 3 // 4)
         extra = nn.GroupNorm(32, 160) if lib == "torch" else normzoo.GroupNorm(32, 160)
@@ -80,24 +81,7 @@ def _child(workload: str, lib: str, threads: int, quick: bool) -> dict:
             extra(xc).sum().backward()
             calls.append(time.perf_counter() - start)
         out["new_channels_extra_s"] = calls[0] - calls[1]
-    elif workload == "user_compile":
-        size, batch = (64, 4) if quick else (128, 8)
-        norm = (lambda c: nn.GroupNorm(32, c)) if lib == "torch" else (lambda c: normzoo.GroupNorm(32, c))
-        model = bm.ResNet(bm.BasicBlock, [1, 1, 1, 1] if quick else [2, 2, 2, 2], norm, base_width=32 if quick else 64)
-        compiled = torch.compile(model)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-
-        def step(n, s):
-            x, y = torch.randn(n, 3, s, s), torch.randint(0, 100, (n,))
-            start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(compiled(x), y).backward()
-            opt.step()
-            return time.perf_counter() - start
-
-        out["first_s"] = step(batch, size)
-        out["steady_s"] = statistics.median(step(batch, size) for _ in range(3 if quick else 5))
-    else:
+    elif workload == "ln_lengths":
         d = 64 if quick else 384
         layer = nn.LayerNorm(d) if lib == "torch" else normzoo.LayerNorm(d)
         lengths = range(7, 17 if quick else 107)
