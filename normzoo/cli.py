@@ -21,20 +21,11 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _sync_by_default() -> None:
-    """Sweeps and checks measure the compiled kernels, each compiled before its first timed or checked call, not
-    the eager engine that serves calls while a background build is under way (NORMZOO_COMPILE, when set, wins)."""
-    import os
-
-    os.environ.setdefault("NORMZOO_COMPILE", "sync")
-
-
 def _sweep(args, kind: str) -> int:
     """Shared by `equivalence` and `speed`: load (exit 2 on a bad file), run, stream the report, exit status."""
     from .sweeps import grid
     from .sweeps import report as rp
 
-    _sync_by_default()
     if kind == "speed":
         from .sweeps import speed as mod
     else:
@@ -71,7 +62,9 @@ def _cmd_check(args) -> int:
     """Load the user's layer (runs its file), check it against the oracle of --like; 0 match, 1 not, 2 bad input."""
     import importlib
 
-    _sync_by_default()
+    from .policy import sync_by_default
+
+    sync_by_default()
     ck = importlib.import_module("normzoo.check")  # normzoo.check is also the function's name
     from .sweeps import report as rp
 

@@ -39,6 +39,13 @@ ENV_COMPILE = compiling.ENV_COMPILE
 POLL_S = 0.2  # how often a call running eagerly looks for its kernel in the store
 
 
+def sync_by_default() -> None:
+    """For sweeps, checks and benchmarks: measure the compiled kernels, each compiled before its first timed or
+    checked call, not the eager engine that serves calls while a background build is under way. An explicit
+    NORMZOO_COMPILE wins."""
+    os.environ.setdefault(ENV_COMPILE, "sync")
+
+
 def mode() -> str:
     """'background', 'sync' or 'off', from NORMZOO_COMPILE."""
     value = os.environ.get(ENV_COMPILE, "1").strip().lower()

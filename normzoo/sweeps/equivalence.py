@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import report as rp
+from .. import policy
 from ..accuracy import rel_err, tolerance, worst
 from ..binding import prepare_user
 from ..frozen import FrozenBatchNorm2d
@@ -257,6 +258,7 @@ def label(case: Case) -> str:
 def run(sweep: Sweep, on_update=lambda report: None, progress: rp.Progress | None = None,
         device: str = "cpu") -> tuple[dict, bool]:
     """Run every case on `device` (cpu or cuda; see grid.check_device); returns (report, interrupted)."""
+    policy.sync_by_default()
     env = rp.environment(device)  # once, at the start: the date and load the sweep began with
     return rp.drive(sweep.cases, lambda case: run_case(case, device=device),
                     lambda res, intr: build_report(sweep, res, intr, env), on_update, label=label, progress=progress)

@@ -36,7 +36,7 @@ from torch.utils import benchmark
 
 from . import report as rp
 from . import equivalence
-from .. import compiling
+from .. import compiling, policy
 from ..accuracy import rel_err
 from .grid import DTYPES, Case, Sweep, check_device, format_shape, memory_format  # noqa: F401 (check_device)
 from .oracle import Reference, norm_of, torch_counterpart
@@ -334,6 +334,7 @@ def label(item) -> str:
 def run(sweep: Sweep, on_update=lambda report: None, progress: rp.Progress | None = None,
         device: str = "cpu") -> tuple[dict, bool]:
     """Run every (case, thread count); returns (report, interrupted). Restores torch's thread count."""
+    policy.sync_by_default()
     before = torch.get_num_threads()
     items = [(c, t) for t in sweep.threads for c in sweep.cases]
     env = rp.environment(device, sweep.threads)  # once, at the start: the date and load the sweep began with
