@@ -6,7 +6,7 @@ tracing, no C++ compile.
 
 - Directory: NORMZOO_KERNEL_DIR, by default the per-user cache directory (`$XDG_CACHE_HOME/normzoo/kernels`, else
   `~/.cache/normzoo/kernels`).
-- Key: a hash of everything a kernel's validity depends on: normzoo's engine source, torch's version, the CPU's
+- Key: a hash of everything a kernel's validity depends on: normzoo's engine and builder sources, torch's version, the CPU's
   vector ISA, the device, the role (forward, or backward and its needed gradients), the spec, and per argument its
   dtype, layout and shape contract (the static sizes, and which dims are symbolic). The thread count is not part of
   it: kernels read it when they run.
@@ -21,6 +21,7 @@ tracing, no C++ compile.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -47,11 +48,15 @@ def kernel_dir() -> Path:
     return Path(base) / "normzoo" / "kernels"
 
 
+@functools.cache
 def _engine_source_hash() -> str:
-    """What the kernels were built from: normzoo's engine source (a change to the math is a new key)."""
-    from . import engine
-
-    return hashlib.sha256(Path(engine.__file__).read_bytes()).hexdigest()[:16]
+    """What the kernels were built from: the engine's source (the math) and the builder's (what a package takes
+    and returns): a change to either is a new key."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("engine.py", "builder.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def key_fields(role: str, spec_fields: dict, args: list[dict | None]) -> dict:
