@@ -146,6 +146,16 @@ def _dense(t: Tensor | None) -> Tensor | None:
     return t.contiguous()
 
 
+def _like(dy: Tensor, x: Tensor) -> Tensor:
+    """dy in x's layout (a copy only where they differ: sum().backward()'s expanded ones, say), so that one backward
+    kernel per x layout serves every dy, and precompile's dry run asks for the kernel training uses."""
+    if builder.layout_of(dy) == builder.layout_of(x) and _dense(dy) is dy:
+        return dy
+    fmt = {"channels_last": torch.channels_last, "channels_last_3d": torch.channels_last_3d}.get(
+        builder.layout_of(x), torch.contiguous_format)
+    return dy.contiguous(memory_format=fmt)
+
+
 class StoreKernel:
     """A signature's forward and backward kernels from the store, with the compiled-kernel interface that
     normzoo.compiling's autograd.Function ties together: forward(tensors) -> (y, shift, mean_d, rstd) and
@@ -169,9 +179,9 @@ class StoreKernel:
 
     def backward(self, needs, tensors: tuple):
         """tensors: (x, weight, bias, shift, mean_d, rstd, dy)."""
-        tensors = tuple(_dense(t) for t in tensors)
+        tensors = tuple(_dense(t) for t in tensors[:-1]) + (_like(tensors[-1], tensors[0]),)
         x = tensors[0]
-        key = (needs, builder.layout_of(tensors[-1]))
+        key = needs
 
         def job():
             per_sample = {i: self.batch_dims for i in (0, 3, 4, 5, 6) if tensors[i].dim() == x.dim()

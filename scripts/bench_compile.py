@@ -127,10 +127,10 @@ def run(threads: int, quick: bool) -> dict:
                     states.append((f"warm, {other} thread{'s' if other > 1 else ''}", other))
                 for cache_state, n_threads in states:
                     cmd = [sys.executable, __file__, "--child", workload, lib, str(n_threads)] + (["--quick"] if quick else [])
-                    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache,
-                               NORMZOO_KERNEL_DIR=os.path.join(cache, "normzoo-kernels"))
-                    env.pop("NORMZOO_COMPILE", None)
-                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    child_env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache,
+                                     NORMZOO_KERNEL_DIR=os.path.join(cache, "normzoo-kernels"))
+                    child_env.pop("NORMZOO_COMPILE", None)
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env)
                     if proc.returncode != 0:
                         raise RuntimeError(f"{workload}/{lib}/{cache_state} failed:\n{proc.stderr[-3000:]}")
                     row = json.loads(proc.stdout.strip().splitlines()[-1])
