@@ -5,7 +5,8 @@ tensor argument its example shape, dtype, layout and the dims that are symbolic.
 function with those dims as `torch.export.Dim`s (min 2: sizes 0 and 1 are served elsewhere), compiles it with
 AOTInductor (thread count read at run time) and commits it to the store (normzoo.store).
 
-`python -m normzoo.builder` is the background worker: it reads jobs as JSON lines on stdin, builds each one that
+`python -m normzoo.builder` is the background worker: it reads jobs as JSON lines on stdin (each naming the store
+directory it goes to), builds each one that
 the store does not hold yet (a lock file per key keeps two processes from building the same kernel at once) and
 writes one JSON line per job on stdout. It runs in its own process, so dynamo and Inductor state never mix with
 the caller's, and at a lower priority, so a training step that runs meanwhile keeps its cores.
@@ -175,7 +176,7 @@ def worker() -> int:
         job = json.loads(line)
         start = time.perf_counter()
         try:
-            status = build_once(job)
+            status = build_once(job, Path(job["root"]) if job.get("root") else None)
             result = {"key": job["key"], "status": status}
         except Exception as err:  # noqa: BLE001 - report it; the caller falls back for this kernel
             result = {"key": job["key"], "status": "failed",

@@ -79,14 +79,25 @@ class _Background:
         self.proc: subprocess.Popen | None = None
         self.results: dict[str, dict] = {}  # key -> the builder's last line about it
         self.pending: set[str] = set()
+        self.error: str | None = None  # why the builder could not be started or fed, last time
 
-    def submit(self, job: dict) -> None:
+    def submit(self, job: dict) -> bool:
+        """Hand a job to the builder (started, or restarted, as needed). False when no builder can take it."""
+        job = dict(job, root=str(store.kernel_dir()))  # the store the caller reads now, whatever the builder started with
         with _lock:
-            if self.proc is None or self.proc.poll() is not None:
-                self._start()
-            self.pending.add(job["key"])
-            self.proc.stdin.write(json.dumps(job) + "\n")
-            self.proc.stdin.flush()
+            for _ in range(2):  # a builder that died since the last job is restarted once
+                try:
+                    if self.proc is None or self.proc.poll() is not None:
+                        self._start()
+                    self.proc.stdin.write(json.dumps(job) + "\n")
+                    self.proc.stdin.flush()
+                except OSError as err:  # no interpreter to start, a broken pipe
+                    self.error = f"{type(err).__name__}: {err}"
+                    self.proc = None
+                    continue
+                self.pending.add(job["key"])
+                return True
+            return False
 
     def _start(self) -> None:
         env = dict(os.environ, NORMZOO_KERNEL_DIR=str(store.kernel_dir()))
@@ -114,7 +125,8 @@ class _Background:
             alive = self.proc is not None and self.proc.poll() is None
             failed = {k: r.get("error") for k, r in self.results.items() if r["status"] == "failed"}
             return {"running": alive, "pending": len(self.pending),
-                    "built": sum(r["status"] == "built" for r in self.results.values()), "failed": failed}
+                    "built": sum(r["status"] == "built" for r in self.results.values()), "failed": failed,
+                    "start_error": self.error}
 
     def close(self) -> None:
         proc = self.proc
@@ -228,7 +240,11 @@ def _resolve(entry, make_job):
         if not store.writable():
             _stats.fallbacks += 1
             return _FALLBACK
-        background.submit(job)
+        if not background.submit(job):
+            store.warn_once("builder", f"the background builder could not be started ({background.error}); kernels "
+                                       "are compiled in memory instead")
+            _stats.fallbacks += 1
+            return _FALLBACK
         _stats.requested += 1
         return _Pending(job)
     job = entry.job
@@ -236,7 +252,8 @@ def _resolve(entry, make_job):
         entry.next_check = time.monotonic() + POLL_S
         return entry
     result = background.results.get(job["key"])
-    if result is not None and result["status"] != "failed":
+    # the entry may come from our builder, or from another process's (a "busy" answer, a forked parent's builder)
+    if (result is None or result["status"] != "failed") and store.paths(job["key"])[1].exists():
         loaded = store.load(job["key"], job["fields"])
         if loaded is not None:
             _stats.loaded += 1
@@ -247,11 +264,6 @@ def _resolve(entry, make_job):
                                                 " it is compiled in memory instead")
         _stats.fallbacks += 1
         return _FALLBACK
-    if result is not None and result["status"] == "busy":  # another process builds it: wait for its entry
-        loaded = store.load(job["key"], job["fields"])
-        if loaded is not None:
-            _stats.loaded += 1
-            return loaded
     entry.next_check = time.monotonic() + POLL_S
     return entry
 

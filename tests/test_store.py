@@ -213,3 +213,21 @@ def test_sizes_0_and_1(built_store, store_at):
     assert all(j["args"][0]["shape"][0] == 1 and 0 not in j["args"][0]["dynamic"] for j in jobs)
     stored = {p.stem for p in built_store.glob("*.json")}
     assert not stored & {j["key"] for j in jobs}  # other keys than the batch >= 2 kernels
+
+
+def test_a_builder_that_cannot_start_warns_once_and_compiles_in_memory(store_at, monkeypatch):
+    store_at()
+    monkeypatch.setattr(store, "_warned", set())
+    monkeypatch.setattr(policy.background, "proc", None)
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")  # what Popen starts the builder with
+    before = compiling.cache_info()["compiles"]
+    m = normzoo.GroupNorm(2, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for shape in ((2, 6, 3, 11), (2, 6, 4, 11)):
+            x = torch.randn(shape)
+            with torch.no_grad():
+                torch.testing.assert_close(m(x), nn.functional.group_norm(x, 2, m.weight, m.bias))
+    assert sum("could not be started" in str(w.message) for w in caught) == 1
+    assert compiling.cache_info()["compiles"] - before == 2
+    assert policy.info()["background"]["start_error"]
