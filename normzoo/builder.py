@@ -32,12 +32,20 @@ BACKWARD_ARGS = ("x", "weight", "bias", "shift", "mean_d", "rstd", "dy")
 STALE_LOCK_S = 900  # a lock older than this belongs to a builder that died: take over
 
 
-def layout_of(t: torch.Tensor) -> str:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
+                  "channels_last_3d": torch.channels_last_3d}
+
+
+def layout_of(t: torch.Tensor) -> str | None:
+    """The dense layout t is in (a key of MEMORY_FORMATS), or None for any other strides: a kernel's contract names
+    dense layouts only, since an AOTInductor kernel reads its inputs with the strides it was built for."""
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
         return "channels_last"
-    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
         return "channels_last_3d"
-    return "contiguous"
+    return None
 
 
 def describe(t: torch.Tensor | None, dynamic: tuple[int, ...] = ()) -> dict | None:
@@ -96,11 +104,7 @@ class _Entry(torch.nn.Module):
 
 def _example(arg: dict) -> torch.Tensor:
     t = torch.randn(arg["shape"], dtype=torch.float64).to(getattr(torch, arg["dtype"]))
-    if arg["layout"] == "channels_last":
-        t = t.to(memory_format=torch.channels_last)
-    elif arg["layout"] == "channels_last_3d":
-        t = t.to(memory_format=torch.channels_last_3d)
-    return t
+    return t.contiguous(memory_format=MEMORY_FORMATS[arg["layout"]])
 
 
 def build(job: dict, root: Path | None = None) -> Path:

@@ -246,9 +246,7 @@ class _Kernel:
         key = (needs, signature(tensors[-1], self.batch_dims))
         compiled = self.compiled.get(key)
         if compiled is None:
-            x = tensors[0]  # x, dy and the per-sample statistics share the batch dims
-            per_sample = {i: self.batch_dims for i in (0, 3, 4, 5, 6) if self.batch_dims and tensors[i].dim()
-                          == x.dim() and all(tensors[i].shape[d] == x.shape[d] for d in self.batch_dims)}
+            per_sample = backward_dynamic(tensors, self.batch_dims)
             make = lambda: _Compiled(_backward_entry, 2, sum(needs), per_sample)  # noqa: E731
             compiled, out = self._obtain(key, make, (self.spec, needs), tensors)
             if compiled is None:
@@ -280,6 +278,14 @@ class _Kernel:
                 return None, None
             self.compiled[key] = compiled
             return compiled, out
+
+
+def backward_dynamic(tensors: tuple, batch_dims: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
+    """A backward's symbolic dims per argument (x, weight, bias, shift, mean_d, rstd, dy): x, dy and the per-sample
+    statistics share x's batch dims (per-channel statistics and the affine have none)."""
+    x = tensors[0]
+    return {i: batch_dims for i in (0, 3, 4, 5, 6) if batch_dims and tensors[i].dim() == x.dim()
+            and all(tensors[i].shape[d] == x.shape[d] for d in batch_dims)}
 
 
 class _CompiledNorm(torch.autograd.Function):

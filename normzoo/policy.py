@@ -27,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections import OrderedDict
 
 import torch
@@ -148,24 +147,15 @@ class _Pending:
 
 
 def _dense(t: Tensor | None) -> Tensor | None:
-    """t in a dense layout a kernel's contract can name (contiguous or channels_last): an AOTInductor kernel reads
-    its inputs with the strides it was built for."""
-    if t is None or t.is_contiguous():
-        return t
-    if (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or (
-            t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)):
-        return t
-    return t.contiguous()
+    """t in a dense layout a kernel's contract can name (builder.layout_of), copied only if it is in none."""
+    return t if t is None or builder.layout_of(t) is not None else t.contiguous()
 
 
 def _like(dy: Tensor, x: Tensor) -> Tensor:
     """dy in x's layout (a copy only where they differ: sum().backward()'s expanded ones, say), so that one backward
     kernel per x layout serves every dy, and precompile's dry run asks for the kernel training uses."""
-    if builder.layout_of(dy) == builder.layout_of(x) and _dense(dy) is dy:
-        return dy
-    fmt = {"channels_last": torch.channels_last, "channels_last_3d": torch.channels_last_3d}.get(
-        builder.layout_of(x), torch.contiguous_format)
-    return dy.contiguous(memory_format=fmt)
+    layout = builder.layout_of(x)
+    return dy if builder.layout_of(dy) == layout else dy.contiguous(memory_format=builder.MEMORY_FORMATS[layout])
 
 
 class StoreKernel:
@@ -192,15 +182,10 @@ class StoreKernel:
     def backward(self, needs, tensors: tuple):
         """tensors: (x, weight, bias, shift, mean_d, rstd, dy)."""
         tensors = tuple(_dense(t) for t in tensors[:-1]) + (_like(tensors[-1], tensors[0]),)
-        x = tensors[0]
         key = needs
 
-        def job():
-            per_sample = {i: self.batch_dims for i in (0, 3, 4, 5, 6) if tensors[i].dim() == x.dim()
-                          and all(tensors[i].shape[d] == x.shape[d] for d in self.batch_dims)}
-            return builder.job_for("backward", self.spec, tensors, per_sample, needs)
-
-        entry = self._entry(key, job)
+        entry = self._entry(key, lambda: builder.job_for(
+            "backward", self.spec, tensors, compiling.backward_dynamic(tensors, self.batch_dims), needs))
         if isinstance(entry, store.Loaded):
             results = iter(entry(list(t for t in tensors if t is not None)))
             return tuple(next(results) if need and t is not None else None
@@ -274,8 +259,7 @@ def _store_takes(spec: engine.NormSpec, args: tuple) -> bool:
         return False
     if spec.batch and spec.momentum is not None and args[3] is not None:  # updates its running statistics
         return False
-    return bool(x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-                or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
+    return builder.layout_of(x) is not None
 
 
 def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, running_var=None, momentum=None,
