@@ -51,6 +51,21 @@ ENV_CACHE_SIZE = "NORMZOO_CACHE_SIZE"
 ENV_DYNAMIC_BATCH = "NORMZOO_DYNAMIC_BATCH"
 
 
+def raw_env(name: str):
+    """os.environ's value of `name` as the platform stores it (bytes on POSIX), or None: what the per-call fast path
+    compares on every call to see a setting change. os.environ.get converts key and value each time, 10x slower."""
+    data = getattr(os.environ, "_data", None)
+    if not isinstance(data, dict):
+        return os.environ.get(name)
+    key = _ENCODED_KEYS.get(name)
+    if key is None:
+        key = _ENCODED_KEYS[name] = os.environ.encodekey(name)
+    return data.get(key)
+
+
+_ENCODED_KEYS: dict = {}
+
+
 def dynamic_batch_enabled() -> bool:
     """False when NORMZOO_DYNAMIC_BATCH is 0/false/off/no: then every batch size compiles its own kernel."""
     return os.environ.get(ENV_DYNAMIC_BATCH, "1").strip().lower() not in ("0", "false", "off", "no")
@@ -60,7 +75,14 @@ def compile_enabled() -> bool:
     """False when NORMZOO_COMPILE is 0/false/off/no, or after a failed compile turned compilation off."""
     if _state.broken is not None:
         return False
-    return os.environ.get(ENV_COMPILE, "1").strip().lower() not in ("0", "false", "off", "no")
+    raw = raw_env(ENV_COMPILE)
+    enabled = _ENABLED.get(raw)
+    if enabled is None:
+        enabled = _ENABLED[raw] = os.environ.get(ENV_COMPILE, "1").strip().lower() not in ("0", "false", "off", "no")
+    return enabled
+
+
+_ENABLED: dict = {}  # raw NORMZOO_COMPILE value -> compile_enabled()'s answer
 
 
 @dataclass
@@ -70,6 +92,7 @@ class _State:
     hits: int = 0
     compile_seconds: float = 0.0
     evictions: int = 0
+    generation: int = 0  # bumped whenever a kernel leaves `kernels` (eviction, clear): policy's call plans then lapse
     broken: str | None = None  # why compilation was turned off, once it failed
     lock: threading.RLock = field(default_factory=threading.RLock)  # one compile per signature across threads
 
@@ -103,6 +126,7 @@ def cache_info() -> dict:
 def clear_cache() -> None:
     with _state.lock:
         _state.kernels.clear()
+        _state.generation += 1
 
 
 def _forward_entry(spec, x, weight, bias, running_mean, running_var, momentum):
@@ -229,6 +253,7 @@ class _Kernel:
         self.spec = spec
         self.batch_dims = batch_dims  # x's dims compiled as symbolic sizes
         self.compiled: dict = {}  # "forward", or (needs, dy signature) -> _Compiled
+        self.cache_key = None  # its key in the signature cache, when it is there
 
     def forward(self, tensors: tuple):
         compiled = self.compiled.get("forward")
@@ -293,8 +318,9 @@ class _CompiledNorm(torch.autograd.Function):
     gradient comes from the engine's differentiable formulation instead: compiled graphs have no derivatives."""
 
     @staticmethod
-    def forward(ctx, kernel, x, weight, bias, running_mean, running_var, momentum):
-        y, shift, mean_d, rstd = kernel.forward((x, weight, bias, running_mean, running_var, momentum))
+    def forward(ctx, kernel, x, weight, bias, buffers):
+        # buffers: (running_mean, running_var, momentum), never differentiated: in a tuple, autograd skips them
+        y, shift, mean_d, rstd = kernel.forward((x, weight, bias) + buffers)
         ctx.kernel = kernel
         ctx.save_for_backward(x, weight, bias, shift, mean_d, rstd)
         return y
@@ -302,14 +328,15 @@ class _CompiledNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, shift, mean_d, rstd = ctx.saved_tensors
-        needs = tuple(bool(n) and t is not None for n, t in zip(ctx.needs_input_grad[1:4], (x, weight, bias)))
+        wanted = ctx.needs_input_grad  # False for None inputs
+        needs = (wanted[1], wanted[2], wanted[3])
         if torch.is_grad_enabled():  # create_graph=True
             grads = engine.backward_create_graph(ctx.kernel.spec, needs, x, weight, bias, shift, mean_d, rstd, dy)
         elif compile_enabled():
             grads = ctx.kernel.backward(needs, (x, weight, bias, shift, mean_d, rstd, dy))
         else:  # compilation turned off since (a compiler failure)
             grads = engine.backward(ctx.kernel.spec, needs, x, weight, bias, shift, mean_d, rstd, dy)
-        return (None,) + tuple(grads) + (None, None, None)
+        return None, grads[0], grads[1], grads[2], None
 
 
 def signature(t: Tensor | None, batch_dims: tuple[int, ...] = ()):
@@ -343,33 +370,51 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
         *, compile: bool = True) -> Tensor:
     """Compute engine.forward, through the per-signature compiled kernels unless compilation is off."""
     args = (x, weight, bias, running_mean, running_var, momentum)
+    kernel = kernel_of(spec, args, compile)
+    if kernel is None:
+        return inline(spec, args)
+    return apply(kernel, args)
+
+
+def inline(spec: engine.NormSpec, args: tuple) -> Tensor:
+    """A call no compiled kernel serves: traced inline inside a user's torch.compile, else the eager engine."""
     if torch.compiler.is_compiling():
         # inside a user's torch.compile: trace the engine inline as plain differentiable ops (no autograd.Function,
         # which would keep AOTAutograd from caching the user's graph); their backward is derived in that graph
         return engine.reference_forward(spec, *args)
+    return engine.forward(spec, *args)
+
+
+def kernel_of(spec: engine.NormSpec, args: tuple, compile: bool = True) -> "_Kernel | None":
+    """The in-memory kernel of a call's signature (created on first sight, its graphs compiled on first use), or
+    None where none serves the call: compilation off, an empty input, a user's torch.compile, torch.func, TorchScript."""
+    x = args[0]
     if (
-        not compile
+        torch.compiler.is_compiling()
+        or not compile
         or not compile_enabled()
         or x.numel() == 0  # nothing to compute; not worth a kernel
         or torch.jit.is_scripting()
         or engine.under_functorch()  # torch.func: the engine's plain differentiable ops
     ):
-        return engine.forward(spec, *args)
+        return None
     dims = batch_dims(spec, x) if dynamic_batch_enabled() else ()
     key = (spec, torch.is_inference_mode_enabled(), signature(x, dims)) + tuple(signature(t) for t in args[1:])
     kernel = _state.kernels.get(key)
     if kernel is None:
-        return _compile_and_run(key, spec, args, dims)
+        return _new_kernel(key, spec, dims)
     _state.kernels.move_to_end(key)
     _state.hits += 1
-    return apply(kernel, args)
+    return kernel
 
 
 def apply(kernel, args: tuple) -> Tensor:
     """Run a kernel (this module's, or normzoo.policy's store kernel) on a call's arguments, through autograd
     when a gradient is needed."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3]):
-        return _CompiledNorm.apply(kernel, *args)
+    x, weight, bias = args[0], args[1], args[2]
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return _CompiledNorm.apply(kernel, x, weight, bias, args[3:])
     return kernel.forward(args)[0]
 
 
@@ -398,7 +443,7 @@ def _load_store_op() -> None:
         engine.STORE_OP = torch.ops.prims.inductor_force_stride_order
 
 
-def _compile_and_run(key, spec, args, dims) -> Tensor:
+def _new_kernel(key, spec, dims) -> "_Kernel":
     """A signature seen for the first time: one kernel object, even when several threads meet it at once (its
     graphs compile on first use, under the same lock)."""
     with _state.lock:
@@ -406,10 +451,12 @@ def _compile_and_run(key, spec, args, dims) -> Tensor:
         if kernel is None:
             _load_store_op()
             kernel = _state.kernels[key] = _Kernel(spec, dims)
+            kernel.cache_key = key
             while len(_state.kernels) > max_cache_size():
                 _state.kernels.popitem(last=False)
                 _state.evictions += 1
-    return apply(kernel, args)
+                _state.generation += 1
+    return kernel
 
 
 def _turn_compile_off(err: Exception) -> None:

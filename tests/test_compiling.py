@@ -234,3 +234,27 @@ def test_another_thread_count_reuses_the_cached_kernels(tmp_path):
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert runs[0]["fxgraph_cache_miss"] == 2  # forward and backward, compiled at 1 thread
     assert runs[1] == {"fxgraph_cache_hit": 2, "fxgraph_cache_miss": 0}
+
+
+def test_a_seen_call_takes_its_kernel_only_while_mode_and_cache_still_give_it(monkeypatch):
+    """Repeated calls skip the kernel choice (normzoo.policy's call plans); a plan must never outlive what chose it:
+    a mode switched at run time applies to the next call, and a cleared or evicted kernel is compiled again."""
+    m = normzoo.LayerNorm(6)
+    x = torch.randn(3, 5, 6)  # a signature no other test compiles
+    ref = nn.functional.layer_norm(x, (6,), m.weight, m.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref)
+        info = compiling.cache_info()
+        torch.testing.assert_close(m(x), ref)  # the plan: a hit on the same kernel
+        assert compiling.cache_info()["hits"] == info["hits"] + 1
+        monkeypatch.setenv("NORMZOO_COMPILE", "0")
+        torch.testing.assert_close(m(x), ref)  # eager: no kernel asked for
+        assert compiling.cache_info()["hits"] == info["hits"] + 1
+        monkeypatch.setenv("NORMZOO_COMPILE", "sync")
+        m(x)
+        assert compiling.cache_info()["hits"] == info["hits"] + 2
+        compiling.clear_cache()
+        torch.testing.assert_close(m(x), ref)  # a new kernel object for the signature: its graph compiles again
+        assert compiling.cache_info()["compiles"] == info["compiles"] + 1
+        m.double()  # the parameters' dtype is in the plan's key
+        torch.testing.assert_close(m(x.double()), nn.functional.layer_norm(x.double(), (6,), m.weight, m.bias))

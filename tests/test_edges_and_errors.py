@@ -226,3 +226,18 @@ def test_nan_check_is_math_not_assert():
     x = torch.ones(2, 4, 3)
     assert NF.group_norm(x, 2, eps=0.0, compile=False).isnan().all()
     assert math.isnan(nn.functional.group_norm(x, 2, eps=0.0)[0, 0, 0].item())
+
+
+def test_checks_are_kept_per_combination_and_errors_repeat():
+    """The functional entry points validate a combination of shapes and settings once and keep its spec; a bad
+    call is refused every time, and a new weight shape or dtype is checked anew."""
+    x = torch.randn(2, 4, 3)
+    NF.group_norm(x, 2, torch.ones(4), compile=False)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"weight must have shape \(4,\)"):
+            NF.group_norm(x, 2, torch.ones(3), compile=False)
+        with pytest.raises(TypeError, match="floating-point"):
+            NF.group_norm(x.long(), 2, compile=False)
+        with pytest.raises(ValueError, match="unknown activation"):
+            NF.layer_norm(x, [3], activation=["silu"], compile=False)  # unhashable: checked without the cache
+    torch.testing.assert_close(NF.layer_norm(x, [3], compile=False), nn.functional.layer_norm(x, (3,)))
