@@ -17,8 +17,10 @@ object, so that limit must never be reached):
   which saves ~60-80 us a call. Where a graph recorded a shape guard that another batch size could fail, calls keep
   going through dynamo and its guards instead;
 - first calls compile under a lock: concurrent threads meeting a new signature compile it once;
-- inside a user's own torch.compile region the engine is traced inline as plain differentiable ops (no nested
-  compile, no graph break, and no autograd.Function, which would keep AOTAutograd from caching the user's graph);
+- inside a user's own torch.compile region a call is one opaque op (normzoo.graph_ops, chosen by normzoo.policy)
+  whose kernels are picked when it runs; where the op does not serve (torch.export, compile=False, BatchNorm
+  training that updates its buffers) the engine is traced inline as plain differentiable ops (`inline`: no nested
+  compile, no graph break, no autograd.Function, which would keep AOTAutograd from caching the user's graph);
   inside torch.func transforms it runs as plain differentiable ops too;
 - kernels read the thread count at run time (Inductor's cpp.dynamic_threads), so Inductor's cache serves a process
   with another thread count;
@@ -377,7 +379,7 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
 
 
 def inline(spec: engine.NormSpec, args: tuple) -> Tensor:
-    """A call no compiled kernel serves: traced inline inside a user's torch.compile, else the eager engine."""
+    """A call no kernel serves: traced inline inside a user's torch.compile or torch.export, else the eager engine."""
     if torch.compiler.is_compiling():
         # inside a user's torch.compile: trace the engine inline as plain differentiable ops (no autograd.Function,
         # which would keep AOTAutograd from caching the user's graph); their backward is derived in that graph

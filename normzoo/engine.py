@@ -299,9 +299,17 @@ def stored(t: Tensor, like: Tensor | None = None) -> Tensor:
     """
     # not on a tensor autograd differentiates (a user's torch.compile traces the differentiable engine): the op
     # has no derivative
-    if STORE_OP is not None and torch.compiler.is_compiling() and not (torch.is_grad_enabled() and t.requires_grad):
-        return STORE_OP(t, like.stride() if like is not None else _contiguous_strides(t.shape))
+    if torch.compiler.is_compiling() and not (torch.is_grad_enabled() and t.requires_grad) and _store_op_loaded():
+        return torch.ops.prims.inductor_force_stride_order(
+            t, like.stride() if like is not None else _contiguous_strides(t.shape))
     return t
+
+
+@torch._dynamo.assume_constant_result
+def _store_op_loaded() -> bool:
+    """Whether STORE_OP is set, read as a constant of the trace: a guard on STORE_OP would recompile a user's graph
+    traced before normzoo first loaded Inductor's op."""
+    return STORE_OP is not None
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:

@@ -32,7 +32,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from . import builder, compiling, engine, store
+from . import builder, compiling, engine, graph_ops, store
 
 ENV_COMPILE = compiling.ENV_COMPILE
 POLL_S = 0.2  # how often a call running eagerly looks for its kernel in the store
@@ -281,6 +281,12 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
     every call (a user's torch.compile, torch.func, precompile's recording, compilation turned off by a failure).
     """
     args = (x, weight, bias, running_mean, running_var, momentum)
+    if torch.compiler.is_compiling():
+        # a user's torch.compile: one opaque op (normzoo.graph_ops), whose kernels are picked when it runs; traced
+        # inline for torch.export (an exported program must not need normzoo's ops) or without compiled kernels
+        if compile and mode() != "off" and not torch.compiler.is_exporting() and graph_ops.takes(spec, args):
+            return graph_ops.call(spec, args)
+        return compiling.inline(spec, args)
     key = None
     if _recording is None and not engine.under_functorch() and not torch.compiler.is_compiling():
         key = (spec, compile, compiling.raw_env(ENV_COMPILE), compiling.raw_env(compiling.ENV_DYNAMIC_BATCH),
@@ -346,6 +352,14 @@ def _kernel_of(spec: engine.NormSpec, args: tuple, compile: bool):
                     _kernels.popitem(last=False)
                     _generation[0] += 1
     return kernel
+
+
+def _op_kernel(spec: engine.NormSpec, args: tuple):
+    """graph_ops' kernel lookup: what an eager call with these arguments would take (None: the eager engine)."""
+    return _kernel_of(spec, args, True)
+
+
+graph_ops.runtime = _op_kernel
 
 
 def info() -> dict:

@@ -1,6 +1,7 @@
 """What compiling costs a user: first steps, new batch sizes, new resolutions, many sequence lengths.
 
-    python scripts/bench_compile.py [--threads 2] [--format table|markdown|json] [--output PATH] [--quick]
+    python scripts/bench_compile.py [--threads 2] [--workloads resnet18_gn,ln_lengths,user_compile]
+                                    [--format table|markdown|json] [--output PATH] [--quick]
 
 Each workload runs in a fresh process, twice: on cold caches (a new, empty TORCHINDUCTOR_CACHE_DIR and
 NORMZOO_KERNEL_DIR) and then warm (the same directories, a second process). normzoo runs with its default policy
@@ -109,7 +110,10 @@ def _child(workload: str, lib: str, threads: int, quick: bool) -> dict:
     return out
 
 
-def run(threads: int, quick: bool) -> dict:
+WORKLOADS = ("resnet18_gn", "ln_lengths", "user_compile")
+
+
+def run(threads: int, quick: bool, workloads=WORKLOADS) -> dict:
     import torch
 
     sys.path.insert(0, str(HERE.parent))
@@ -119,7 +123,7 @@ def run(threads: int, quick: bool) -> dict:
     env["isa"] = torch.backends.cpu.get_cpu_capability()
     rows = []
     other = 1 if threads != 1 else 2
-    for workload in ("resnet18_gn", "ln_lengths", "user_compile"):
+    for workload in workloads:
         for lib in ("torch", "normzoo") + (("normzoo-sync",) if workload == "resnet18_gn" else ()):
             with tempfile.TemporaryDirectory(prefix="normzoo-cache-") as cache:
                 states = [("cold", threads), ("warm", threads)]
@@ -168,12 +172,17 @@ def main(argv=None) -> int:
     ap.add_argument("--format", choices=["table", "markdown", "json"], default="table")
     ap.add_argument("--output")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, of " + ", ".join(WORKLOADS))
     ap.add_argument("--child", nargs=3, metavar=("WORKLOAD", "LIB", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(_child(args.child[0], args.child[1], int(args.child[2]), args.quick)))
         return 0
-    text = render(run(args.threads, args.quick), args.format)
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = sorted(set(workloads) - set(WORKLOADS))
+    if unknown or not workloads:
+        ap.error(f"--workloads: unknown {unknown}; choose from {', '.join(WORKLOADS)}")
+    text = render(run(args.threads, args.quick, workloads), args.format)
     if args.output:
         Path(args.output).write_text(text + "\n")
     print(text)

@@ -26,6 +26,13 @@ an FX graph cache in TORCHINDUCTOR_CACHE_DIR makes repeats fast). Before timing,
 gradients) must agree with torch eager; one that does not is listed with no time."""
 
 
+def _kernels(env: dict) -> str:
+    mode = (env.get("env") or {}).get("NORMZOO_COMPILE", "sync")
+    if mode == "sync":
+        return "the in-memory compile's (NORMZOO_COMPILE=sync)"
+    return f"the kernel store's, built before each case's first call (NORMZOO_COMPILE={mode}), as a warm process loads them"
+
+
 def busy(env: dict) -> bool:
     load = env.get("load_avg")
     return bool(load) and load[0] > (env.get("cpu_count") or 1)
@@ -48,6 +55,7 @@ def main(argv=None) -> int:
         f"allocator settings {env['allocator'] or 'none'}, "
         f"load average at the start {env.get('load_avg')}"
         f"{' (above the CPU count: other work shared the cores)' if busy(env) else ''}. "
+        f"normzoo's kernels: {_kernels(env)}. "
         f"The script also writes {stem.name}.json (every number, not committed).",
         "",
         "## How to read it",
