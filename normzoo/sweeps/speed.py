@@ -140,13 +140,12 @@ def _fill_store(zoo, inputs, pass_: str) -> float:
     them)."""
     import time
 
-    from .. import precompile
+    from ..precompile import build_jobs, jobs_for  # (the package's `precompile` is the function)
 
     start = time.perf_counter()
     for x, _ in inputs:
         example = x.detach().requires_grad_(pass_ == "forward_backward")
-        failed = precompile.build_jobs(precompile.jobs_for(zoo, example, grad=pass_ == "forward_backward"),
-                                       progress=False)["failed"]
+        failed = build_jobs(jobs_for(zoo, example, grad=pass_ == "forward_backward"), progress=False)["failed"]
         if failed:
             raise RuntimeError(f"building the store's kernels failed: {next(iter(failed.values()))}")
     return round(time.perf_counter() - start, 1)
