@@ -13,8 +13,8 @@ call would.
 - The fake (meta) functions give every output its canonical layout: y and dx in x's dense layout (contiguous
   otherwise), the statistics and parameter gradients contiguous; the real functions return the same layouts (a copy
   only where a kernel's output differs), since Inductor asserts them.
-- BatchNorm training that updates its running buffers stays inline (an op with an autograd formula cannot
-  mutate its inputs); BatchNorm eval reads them through the op.
+- BatchNorm stays inline in eval (a per-channel affine Inductor folds into its neighbours) and in training that
+  updates its running buffers (an op with an autograd formula cannot mutate its inputs).
 - Double backward through a compiled graph is refused by torch.compile itself, as for any compiled graph.
 - torch.export keeps the engine inline (policy decides): an exported program must not need this module's ops.
 """
@@ -141,8 +141,10 @@ norm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def takes(spec: engine.NormSpec, args: tuple) -> bool:
-    """Whether the op computes this call: not where BatchNorm training updates running buffers."""
-    return not (spec.momentum is not None and args[3] is not None)
+    """Whether the op computes this call: not BatchNorm eval, a per-channel affine that Inductor folds into the ops
+    around it (as one op: ResNet-50 eval under torch.compile 1.33x torch.nn's step, against 0.96x inline), and not
+    BatchNorm training that updates running buffers (an op with an autograd formula cannot mutate its inputs)."""
+    return spec.batch_stats and not (spec.momentum is not None and args[3] is not None)
 
 
 def call(spec: engine.NormSpec, args: tuple) -> Tensor:

@@ -288,7 +288,7 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
             return graph_ops.call(spec, args)
         return compiling.inline(spec, args)
     key = None
-    if _recording is None and not engine.under_functorch() and not torch.compiler.is_compiling():
+    if _recording is None and not engine.under_functorch():
         key = (spec, compile, compiling.raw_env(ENV_COMPILE), compiling.raw_env(compiling.ENV_DYNAMIC_BATCH),
                torch.is_inference_mode_enabled(), x.shape, x.stride(), x.dtype, x.device, _sig(weight), _sig(bias),
                _sig(running_mean), _sig(running_var), _sig(momentum))

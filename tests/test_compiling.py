@@ -265,8 +265,9 @@ def test_a_seen_call_takes_its_kernel_only_while_mode_and_cache_still_give_it(mo
 
 def test_user_compile_sees_each_norm_as_one_op_and_export_keeps_the_engine_inline():
     """In a user's torch.compile a norm is one opaque op (normzoo.graph_ops: little for dynamo and Inductor to trace),
-    whose outputs and gradients match torch.nn's; BatchNorm training that updates its buffers stays inline, and so
-    does everything under torch.export; double backward through the compiled graph is torch.compile's own error."""
+    whose outputs and gradients match torch.nn's; BatchNorm (eval, and training that updates its buffers) stays
+    inline, and so does everything under torch.export; double backward through the compiled graph is torch.compile's
+    own error."""
     from torch._dynamo.backends.registry import lookup_backend
 
     seen = []
@@ -277,7 +278,7 @@ def test_user_compile_sees_each_norm_as_one_op_and_export_keeps_the_engine_inlin
 
     x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
     for zoo, ref, ops in ((normzoo.GroupNorm(4, 8), nn.GroupNorm(4, 8), 1), (normzoo.BatchNorm2d(8), nn.BatchNorm2d(8), 0),
-                          (normzoo.BatchNorm2d(8).eval(), nn.BatchNorm2d(8).eval(), 1)):
+                          (normzoo.BatchNorm2d(8).eval(), nn.BatchNorm2d(8).eval(), 0)):
         with torch.no_grad():
             for p in zoo.parameters():
                 p.uniform_(0.5, 1.5)
