@@ -18,8 +18,8 @@ object, so that limit must never be reached):
   going through dynamo and its guards instead;
 - first calls compile under a lock: concurrent threads meeting a new signature compile it once;
 - inside a user's own torch.compile region a call is one opaque op (normzoo.graph_ops, chosen by normzoo.policy)
-  whose kernels are picked when it runs; where the op does not serve (torch.export, compile=False, BatchNorm
-  training that updates its buffers) the engine is traced inline as plain differentiable ops (`inline`: no nested
+  whose kernels are picked when it runs; where the op does not serve (torch.export, compile=False, BatchNorm eval
+  and BatchNorm training that updates its buffers) the engine is traced inline as plain differentiable ops (`inline`: no nested
   compile, no graph break, no autograd.Function, which would keep AOTAutograd from caching the user's graph);
   inside torch.func transforms it runs as plain differentiable ops too;
 - kernels read the thread count at run time (Inductor's cpp.dynamic_threads), so Inductor's cache serves a process

@@ -295,7 +295,7 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
         plan = _plans.get(key)
         if plan is not None and plan.generation == (compiling._state.generation, _generation[0]) and (
                 compiling._state.broken is None):
-            if plan.memory_key is not None:  # an in-memory kernel: counted and kept fresh in its LRU, as compiling.run does
+            if plan.memory_key is not None:  # an in-memory kernel: counted and kept fresh in its LRU, as compiling.kernel_of does
                 compiling._state.kernels.move_to_end(plan.memory_key)
                 compiling._state.hits += 1
             return compiling.apply(plan.kernel, args)
