@@ -176,9 +176,9 @@ class StoreKernel:
         entry = self.entries.get("forward")
         if entry.__class__ is store.Loaded and self.dense:  # the steady state, with the least Python
             return tuple(entry([t for t in tensors if t is not None]))
+        given, tensors = tensors, tuple(_dense(t) for t in tensors)
         if self.dense is None:  # the kernel's key fixes the arguments' layouts: whether they need a copy is fixed too
-            self.dense = all(_dense(t) is t for t in tensors)
-        tensors = tuple(_dense(t) for t in tensors)
+            self.dense = all(a is b for a, b in zip(given, tensors))
         entry = self._entry("forward", lambda: builder.job_for("forward", self.spec, tensors, {0: self.batch_dims}))
         if isinstance(entry, store.Loaded):
             return tuple(entry([t for t in tensors if t is not None]))
