@@ -404,7 +404,10 @@ def backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, sh
         # the pooled means of dx's formula all come from them
         N, C, G = x.shape[0], x.shape[1], spec.groups
         per_channel = (N, C) + (1,) * (x.dim() - 2)
-        a = sum_dim(_channel_rows(g), -1).reshape(per_channel)
+        # dy's sum shares the loop nest of dy * (x - shift)'s (one read of dy) only if its loops have the same shape:
+        # adding an exact 0 that reads the per-(sample, channel) shift keeps Inductor from merging them into others
+        zero = (shift.to(cd) * 0.0).nan_to_num(0.0, 0.0, 0.0)
+        a = sum_dim(_channel_rows(g + zero), -1).reshape(per_channel)
         c = sum_dim(_channel_rows(g * xc), -1).reshape(per_channel) - m * a
         if weight is not None and needs_w:
             dweight = (r * c).sum(0).reshape(weight.shape)
