@@ -406,8 +406,12 @@ def backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, sh
         per_channel = (N, C) + (1,) * (x.dim() - 2)
         # dy's sum shares the loop nest of dy * (x - shift)'s (one read of dy) only if its loops have the same shape:
         # adding an exact 0 that reads the per-(sample, channel) shift keeps Inductor from merging them into others
-        zero = (shift.to(cd) * 0.0).nan_to_num(0.0, 0.0, 0.0)
-        a = sum_dim(_channel_rows(g + zero), -1).reshape(per_channel)
+        # (eagerly it would be one more full-size pass, so only where Inductor compiles)
+        if torch.compiler.is_compiling():
+            g_sum = g + (shift.to(cd) * 0.0).nan_to_num(0.0, 0.0, 0.0)
+        else:
+            g_sum = g
+        a = sum_dim(_channel_rows(g_sum), -1).reshape(per_channel)
         c = sum_dim(_channel_rows(g * xc), -1).reshape(per_channel) - m * a
         if weight is not None and needs_w:
             dweight = (r * c).sum(0).reshape(weight.shape)
