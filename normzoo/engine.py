@@ -112,6 +112,25 @@ def sum_dim(t: Tensor, dim: int) -> Tensor:
     return t.unflatten(dim, (n // L, L)).sum(dim + 1).to(STATS_DTYPE).sum(dim, keepdim=True)
 
 
+COLUMN_BLOCK = 16  # rows per first-level block of a column sum where Inductor compiles
+
+
+def _column_sums(t: Tensor, innermost: bool) -> Tensor:
+    """t (rows, n) summed over its rows, in float64. The row count is a batch size (symbolic in compiled kernels),
+    so no chunking may depend on it. Where Inductor compiles and the columns are innermost in memory, the rows are
+    padded with zeros to whole blocks of COLUMN_BLOCK, summed per block in t's dtype, and the blocks in float64.
+    Why: Inductor loops a column sum column-first, each vector of columns down every row (a 3 KB stride on a
+    768-wide LayerNorm); blocks keep that walk within 16 rows. Measured on an AVX-512 Xeon, 1576 x 768, the sums of
+    dy and dy * xhat: 1.1 ms plain, 0.55 ms blocked (float64 inside the blocks stayed at 1.1 ms); rounding within
+    a block of 16 stays below the float32 result's own (relative error 8.6e-8 against 1.2e-7 for a float32 sum)."""
+    if torch.compiler.is_compiling() and innermost:
+        rows = t.shape[0]
+        # one block more than needed: at least 2 for any row count, so no guard tells 1 block apart
+        blocks = rows // COLUMN_BLOCK + 2
+        t = F.pad(t, (0, 0, 0, blocks * COLUMN_BLOCK - rows)).reshape(blocks, COLUMN_BLOCK, t.shape[1]).sum(1)
+    return t.to(STATS_DTYPE).sum(0)
+
+
 def _count(x: Tensor, dims: tuple[int, ...]) -> int:
     n = 1
     for d in dims:  # a plain loop: dynamo does not trace math.prod over a generator
@@ -392,13 +411,18 @@ def backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, sh
         k1, k0 = _dx_coefficients(r, m, a, c, n, cd, spec.center)
         if needs_x:
             dx = gw * rstd + (xc * k1 + k0)
-        # over the other dims, one value per element of the normalized dims: a plain sum over the rows: their count is a batch size, symbolic in compiled kernels
-        # (accumulated in float64: more exact over many rows, and Inductor then makes no size-dependent choice)
-        over_rows = lambda t: _layer_rows(spec, t)[0].reshape(-1, n).to(STATS_DTYPE).sum(0)  # noqa: E731
+        # over the other dims, one value per element of the normalized dims
+        # (xhat from x's rows, not a view of the full-size xhat: Inductor then indexes both sums alike, and they
+        # share one loop nest)
+        innermost = x.stride(spec.layer_dims(x.dim())[-1]) == 1
+        rows = lambda t: _layer_rows(spec, t)[0].reshape(-1, n)  # noqa: E731
+        per_row = lambda t: t.reshape(-1, 1)  # noqa: E731
+        g_rows = rows(g)
         if weight is not None and needs_w:
-            dweight = over_rows(g * xhat).reshape(weight.shape)
+            xhat_rows = (rows(x).to(cd) + (-per_row(shift.to(cd))) - per_row(m)) * per_row(r)
+            dweight = _column_sums(g_rows * xhat_rows, innermost).reshape(weight.shape)
         if bias is not None and needs_b:
-            dbias = over_rows(g).reshape(bias.shape)
+            dbias = _column_sums(g_rows, innermost).reshape(bias.shape)
     else:
         # one pass over (x, dy): per-(sample, channel) sums of dy and dy * (x - mean); the parameter grads and
         # the pooled means of dx's formula all come from them
