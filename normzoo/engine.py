@@ -120,9 +120,10 @@ def _column_sums(t: Tensor, innermost: bool) -> Tensor:
     so no chunking may depend on it. Where Inductor compiles and the columns are innermost in memory, the rows are
     padded with zeros to whole blocks of COLUMN_BLOCK, summed per block in t's dtype, and the blocks in float64.
     Why: Inductor loops a column sum column-first, each vector of columns down every row (a 3 KB stride on a
-    768-wide LayerNorm); blocks keep that walk within 16 rows. Measured on an AVX-512 Xeon, 1576 x 768, the sums of
-    dy and dy * xhat: 1.1 ms plain, 0.55 ms blocked (float64 inside the blocks stayed at 1.1 ms); rounding within
-    a block of 16 stays below the float32 result's own (relative error 8.6e-8 against 1.2e-7 for a float32 sum)."""
+    768-wide LayerNorm); blocks keep that walk within 16 rows. Measured on an AVX-512 Xeon, 2 threads, the
+    backward of LayerNorm(768) on 8x197x768: its column pass 0.49 ms plain, 0.27 ms blocked, the whole backward 0.93
+    to 0.72 ms (ATen's 0.67 ms); float64 inside the blocks was no faster than plain. Error of dweight against the
+    float64 oracle (relative to its largest value): 7.9e-8 plain, 1.1e-7 blocked, 9.1e-7 for torch.nn's."""
     if torch.compiler.is_compiling() and innermost:
         rows = t.shape[0]
         # one block more than needed: at least 2 for any row count, so no guard tells 1 block apart
