@@ -413,17 +413,19 @@ def backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, sh
         if needs_x:
             dx = gw * rstd + (xc * k1 + k0)
         # over the other dims, one value per element of the normalized dims
-        # (xhat from x's rows, not a view of the full-size xhat: Inductor then indexes both sums alike, and they
-        # share one loop nest)
         innermost = x.stride(spec.layer_dims(x.dim())[-1]) == 1
         rows = lambda t: _layer_rows(spec, t)[0].reshape(-1, n)  # noqa: E731
-        per_row = lambda t: t.reshape(-1, 1)  # noqa: E731
-        g_rows = rows(g)
         if weight is not None and needs_w:
-            xhat_rows = (rows(x).to(cd) + (-per_row(shift.to(cd))) - per_row(m)) * per_row(r)
-            dweight = _column_sums(g_rows * xhat_rows, innermost).reshape(weight.shape)
+            if torch.compiler.is_compiling():
+                # xhat from x's rows, not a view of the full-size xhat: Inductor then indexes this sum and dbias's
+                # alike, and they share one loop nest
+                per_row = lambda t: t.reshape(-1, 1)  # noqa: E731
+                g_xhat = rows(g) * ((rows(x).to(cd) + (-per_row(shift.to(cd))) - per_row(m)) * per_row(r))
+            else:
+                g_xhat = rows(g * xhat)
+            dweight = _column_sums(g_xhat, innermost).reshape(weight.shape)
         if bias is not None and needs_b:
-            dbias = _column_sums(g_rows, innermost).reshape(bias.shape)
+            dbias = _column_sums(rows(g), innermost).reshape(bias.shape)
     else:
         # one pass over (x, dy): per-(sample, channel) sums of dy and dy * (x - mean); the parameter grads and
         # the pooled means of dx's formula all come from them
