@@ -147,9 +147,14 @@ def _shifted_sums(rows: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
 
 def _first_mean(rows: Tensor, cd: torch.dtype, center: bool = True) -> Tensor:
     """Mean of the first SHIFT_ELEMENTS elements of each row (keepdim): the shift of that row's set. Without
-    centring (RMSNorm) there is nothing to shift: 0."""
+    centring (RMSNorm) there is nothing to shift: 0.
+
+    Detached: the statistics and y are the same function of x whatever the shift (mean = shift + sum(x - shift)
+    / n, and the variance and x - mean likewise), so every derivative through it is exactly zero, to any order.
+    Left attached, autograd carries that zero back as a full-size tensor scattered from the first elements: in a
+    user's torch.compile, a BatchNorm2d backward on 8x256x32x32 wrote and read it in two extra passes."""
     k = min(SHIFT_ELEMENTS, rows.shape[-1])
-    first = rows.narrow(-1, 0, k).to(cd).mean(-1, keepdim=True)
+    first = rows.narrow(-1, 0, k).to(cd).mean(-1, keepdim=True).detach()
     return first if center else torch.zeros_like(first)
 
 

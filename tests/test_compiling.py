@@ -216,6 +216,35 @@ def test_user_compile_keeps_aot_autograd_cacheable():
         torch.testing.assert_close(pz.grad, pr.grad, atol=1e-4, rtol=1e-4)
 
 
+def test_user_compile_backward_of_inline_batch_norm_has_no_shift_path():
+    """BatchNorm training traced inline in a user's torch.compile: the shift is detached (the norm does not depend
+    on it), so the derived backward carries no full-size zero scattered from the first elements (aten.slice_backward:
+    two extra passes over the activation) and its gradients still match torch.nn's."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    backward_ops = []
+
+    def backend(gm, example_inputs):
+        def bw_compiler(bw, _):
+            backward_ops.extend(str(n.target) for n in bw.graph.nodes if n.op == "call_function")
+            return make_boxed_func(bw.forward)
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=lambda fw, _: make_boxed_func(fw.forward),
+                                     bw_compiler=bw_compiler)
+
+    torch.manual_seed(0)
+    zoo, ref = normzoo.BatchNorm2d(6), nn.BatchNorm2d(6)
+    x = (torch.randn(3, 6, 4, 5) * 2 + 7).requires_grad_()
+    torch._dynamo.reset()
+    (gz,) = torch.autograd.grad(torch.compile(zoo, backend=backend, fullgraph=True)(x).square().sum(), x)
+    (gr,) = torch.autograd.grad(ref(x).square().sum(), x)
+    assert backward_ops and not [t for t in backward_ops if "slice_backward" in t], backward_ops
+    torch.testing.assert_close(gz, gr, atol=1e-4, rtol=1e-4)
+    for (name, bz), br in zip(zoo.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(bz, br, msg=lambda m: f"{name}: {m}")
+
+
 _THREADS_CHILD = """
 import json, sys, torch, normzoo
 from torch._dynamo.utils import counters
