@@ -132,6 +132,29 @@ def _column_sums(t: Tensor, innermost: bool) -> Tensor:
     return t.to(STATS_DTYPE).sum(0)
 
 
+POSITION_BLOCK = 16  # positions per first-level block of a channels_last per-channel sum where Inductor compiles
+
+
+def _channel_sums(t: Tensor) -> Tensor:
+    """t (N, C, S) summed over S (keepdim), in float64, as sum_dim does. Where Inductor compiles and the channels are
+    innermost in memory (channels_last), the positions are taken in blocks of POSITION_BLOCK (the last one padded
+    with zeros), each block summed in t's dtype, then the blocks in float64. Why: Inductor runs a reduction's loop
+    innermost, so a chunk of 256 positions walked each 16-channel vector down 256 rows C floats apart (1 KB for
+    C = 256). Measured on an AVX-512 Xeon, 2 threads, channels_last forwards: GroupNorm(32) on 8x256x32x32 0.90 to
+    0.71 ms (contiguous: 0.67 ms), on 8x512x16x16 0.49 to 0.40 ms; BatchNorm2d on 8x1024x14x14 0.72 to 0.60 ms.
+    Error against the float64 oracle at a mean of 1e3: 1.0-1.2e-7, from 1.2-2.0e-7."""
+    N, C, S = t.shape
+    blocks = -(-S // POSITION_BLOCK)
+    # where the walk's stride is short (C < 128: under 512 bytes) or padding would add over 1/8 of the positions
+    # (7x7 maps), the plain chunks measured as fast or faster
+    if (torch.compiler.is_compiling() and t.stride(1) == 1 and C >= 128 and blocks > 1
+            and blocks * POSITION_BLOCK - S <= S // 8):
+        by_position = F.pad(t.transpose(1, 2), (0, 0, 0, blocks * POSITION_BLOCK - S))  # (N, S', C), C innermost
+        block_sums = by_position.reshape(N, blocks, POSITION_BLOCK, C).sum(2)
+        return block_sums.to(STATS_DTYPE).sum(1).unsqueeze(-1)
+    return sum_dim(t, -1)
+
+
 def _count(x: Tensor, dims: tuple[int, ...]) -> int:
     n = 1
     for d in dims:  # a plain loop: dynamo does not trace math.prod over a generator
@@ -139,10 +162,12 @@ def _count(x: Tensor, dims: tuple[int, ...]) -> int:
     return n
 
 
-def _shifted_sums(rows: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
-    """Sums of d and d^2 over the last dim of `rows`, d = rows - shift (in shift's dtype), keepdim, float64."""
+def _shifted_sums(rows: Tensor, shift: Tensor, total=None) -> tuple[Tensor, Tensor]:
+    """Sums of d and d^2 over the last dim of `rows`, d = rows - shift (in shift's dtype), keepdim, float64, taken by
+    `total` (default: sum_dim over the last dim; _channel_sums for (N, C, S) channel rows)."""
     d = rows.to(shift.dtype) - shift
-    return sum_dim(d, -1), sum_dim(d * d, -1)
+    total = total or (lambda t: sum_dim(t, -1))
+    return total(d), total(d * d)
 
 
 def _first_mean(rows: Tensor, cd: torch.dtype, center: bool = True) -> Tensor:
@@ -288,7 +313,7 @@ def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, m
     S = rows.shape[-1]
     if spec.batch:  # one set per channel over (N, S): shifted by the first elements of sample 0
         shift = _first_mean(rows[:1], cd)  # (1, C, 1)
-        s1, s2 = _shifted_sums(rows, shift)
+        s1, s2 = _shifted_sums(rows, shift, _channel_sums)
         mean_d, var = _moments_from_sums(s1.sum(0, keepdim=True), s2.sum(0, keepdim=True), N * S)
         if spec.momentum is not None and running_mean is not None and running_var is not None:
             _update_running(spec, N * S, shift + mean_d, var, running_mean, running_var, momentum)
@@ -304,7 +329,8 @@ def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, m
     else:
         shift = _first_mean(rows.unflatten(1, (G, members))[:, :, 0], cd, spec.center)  # (N, G, 1)
         per_member = shift.unsqueeze(2).expand(N, G, members, 1).reshape(N, C, 1)
-        s1, s2 = (t.reshape(N, G, members).sum(2, keepdim=True) for t in _shifted_sums(rows, stored(per_member)))
+        s1, s2 = (t.reshape(N, G, members).sum(2, keepdim=True)
+                  for t in _shifted_sums(rows, stored(per_member), _channel_sums))
     mean_d, var = _moments_from_sums(s1, s2, members * S, spec.center)
     expand = lambda t: t.reshape(N, G, 1).expand(N, G, members).reshape(per_channel)  # noqa: E731
     return stored(expand(shift)), stored(expand(mean_d.to(cd))), stored(expand(torch.rsqrt(var + spec.eps).to(cd)))
@@ -443,8 +469,8 @@ def backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, sh
             g_sum = g + (shift.to(cd) * 0.0).nan_to_num(0.0, 0.0, 0.0)
         else:
             g_sum = g
-        a = sum_dim(_channel_rows(g_sum), -1).reshape(per_channel)
-        c = sum_dim(_channel_rows(g * xc), -1).reshape(per_channel) - m * a
+        a = _channel_sums(_channel_rows(g_sum)).reshape(per_channel)
+        c = _channel_sums(_channel_rows(g * xc)).reshape(per_channel) - m * a
         if weight is not None and needs_w:
             dweight = (r * c).sum(0).reshape(weight.shape)
         if bias is not None and needs_b:

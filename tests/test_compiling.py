@@ -216,6 +216,32 @@ def test_user_compile_keeps_aot_autograd_cacheable():
         torch.testing.assert_close(pz.grad, pr.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("hw", [(16, 16), (14, 14)])  # 256 positions: 16 whole blocks; 196: the last one padded
+def test_channels_last_channel_sums_in_blocks_of_positions_match_the_float64_oracle(hw):
+    """On channels_last input with 128 or more channels the compiled kernels sum each channel's positions in blocks
+    of 16 (engine._channel_sums), the last one padded with zeros: y, dx, dweight, dbias and the running variance
+    against the float64 oracle, at float32's default tolerances, with a mean of 1e3."""
+    torch.manual_seed(0)
+    for zoo, ref in ((normzoo.GroupNorm(8, 128), nn.GroupNorm(8, 128)), (normzoo.BatchNorm2d(128), nn.BatchNorm2d(128))):
+        with torch.no_grad():
+            for p in zoo.parameters():
+                p.uniform_(0.5, 1.5)
+        ref.load_state_dict(zoo.state_dict())
+        ref.double()
+        x = (torch.randn(2, 128, *hw) * 2 + 1e3).contiguous(memory_format=torch.channels_last).requires_grad_()
+        dy = torch.randn_like(x)
+        y = zoo(x)
+        grads = torch.autograd.grad(y, (x, zoo.weight, zoo.bias), dy)
+        xr = x.detach().double().requires_grad_()
+        yr = ref(xr)
+        refs = torch.autograd.grad(yr, (xr, ref.weight, ref.bias), dy.double())
+        torch.testing.assert_close(y, yr.float())
+        for g, r in zip(grads, refs):
+            torch.testing.assert_close(g, r.float())
+        for (name, bz), br in zip(zoo.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(bz, br.to(bz.dtype), msg=lambda m: f"{name}: {m}")
+
+
 def test_user_compile_backward_of_inline_batch_norm_has_no_shift_path():
     """BatchNorm training traced inline in a user's torch.compile: the shift is detached (the norm does not depend
     on it), so the derived backward carries no full-size zero scattered from the first elements (aten.slice_backward:
