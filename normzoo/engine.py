@@ -112,46 +112,48 @@ def sum_dim(t: Tensor, dim: int) -> Tensor:
     return t.unflatten(dim, (n // L, L)).sum(dim + 1).to(STATS_DTYPE).sum(dim, keepdim=True)
 
 
-COLUMN_BLOCK = 16  # rows per first-level block of a column sum where Inductor compiles
+BLOCK = 16  # rows (or positions) per first-level block of a blocked sum where Inductor compiles
+
+
+def _block_sums(t: Tensor, dim: int, blocks: int) -> Tensor:
+    """t summed over `dim` (dropped), in float64: padded with zeros to `blocks` blocks of BLOCK along dim (the
+    padding adds nothing), each block summed in t's dtype, then the blocks in float64. The dims after `dim` are
+    innermost in memory: Inductor loops a reduction innermost, so the walk down `dim` stays within a block."""
+    n = t.shape[dim]
+    t = F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [0, blocks * BLOCK - n])
+    t = t.reshape(tuple(t.shape[:dim]) + (blocks, BLOCK) + tuple(t.shape[dim + 1:])).sum(dim + 1)
+    return t.to(STATS_DTYPE).sum(dim)
 
 
 def _column_sums(t: Tensor, innermost: bool) -> Tensor:
     """t (rows, n) summed over its rows, in float64. The row count is a batch size (symbolic in compiled kernels),
     so no chunking may depend on it. Where Inductor compiles and the columns are innermost in memory, the rows are
-    padded with zeros to whole blocks of COLUMN_BLOCK, summed per block in t's dtype, and the blocks in float64.
+    summed in blocks (`_block_sums`).
     Why: Inductor loops a column sum column-first, each vector of columns down every row (a 3 KB stride on a
     768-wide LayerNorm); blocks keep that walk within 16 rows. Measured on an AVX-512 Xeon, 2 threads, the
     backward of LayerNorm(768) on 8x197x768: its column pass 0.49 ms plain, 0.27 ms blocked, the whole backward 0.93
     to 0.72 ms (ATen's 0.67 ms); float64 inside the blocks was no faster than plain. Error of dweight against the
     float64 oracle (relative to its largest value): 7.9e-8 plain, 1.1e-7 blocked, 9.1e-7 for torch.nn's."""
     if torch.compiler.is_compiling() and innermost:
-        rows = t.shape[0]
         # one block more than needed: at least 2 for any row count, so no guard tells 1 block apart
-        blocks = rows // COLUMN_BLOCK + 2
-        t = F.pad(t, (0, 0, 0, blocks * COLUMN_BLOCK - rows)).reshape(blocks, COLUMN_BLOCK, t.shape[1]).sum(1)
+        return _block_sums(t, 0, t.shape[0] // BLOCK + 2)
     return t.to(STATS_DTYPE).sum(0)
-
-
-POSITION_BLOCK = 16  # positions per first-level block of a channels_last per-channel sum where Inductor compiles
 
 
 def _channel_sums(t: Tensor) -> Tensor:
     """t (N, C, S) summed over S (keepdim), in float64, as sum_dim does. Where Inductor compiles and the channels are
-    innermost in memory (channels_last), the positions are taken in blocks of POSITION_BLOCK (the last one padded
-    with zeros), each block summed in t's dtype, then the blocks in float64. Why: Inductor runs a reduction's loop
-    innermost, so a chunk of 256 positions walked each 16-channel vector down 256 rows C floats apart (1 KB for
-    C = 256). Measured on an AVX-512 Xeon, 2 threads, channels_last forwards: GroupNorm(32) on 8x256x32x32 0.90 to
-    0.71 ms (contiguous: 0.67 ms), on 8x512x16x16 0.49 to 0.40 ms; BatchNorm2d on 8x1024x14x14 0.72 to 0.60 ms.
-    Error against the float64 oracle at a mean of 1e3: 1.0-1.2e-7, from 1.2-2.0e-7."""
+    innermost in memory (channels_last), the positions are summed in blocks (`_block_sums`; S is static, so the
+    blocks are exactly the ones needed). Why: a chunk of 256 positions walked each 16-channel vector down 256 rows
+    C floats apart (1 KB for C = 256). Measured on an AVX-512 Xeon, 2 threads, channels_last forwards: GroupNorm(32)
+    on 8x256x32x32 0.90 to 0.71 ms (contiguous: 0.67 ms), on 8x512x16x16 0.49 to 0.40 ms; BatchNorm2d on
+    8x1024x14x14 0.72 to 0.60 ms. Error against the float64 oracle at a mean of 1e3: 1.0-1.2e-7, from 1.2-2.0e-7."""
     N, C, S = t.shape
-    blocks = -(-S // POSITION_BLOCK)
+    blocks = -(-S // BLOCK)
     # where the walk's stride is short (C < 128: under 512 bytes) or padding would add over 1/8 of the positions
     # (7x7 maps), the plain chunks measured as fast or faster
     if (torch.compiler.is_compiling() and t.stride(1) == 1 and C >= 128 and blocks > 1
-            and blocks * POSITION_BLOCK - S <= S // 8):
-        by_position = F.pad(t.transpose(1, 2), (0, 0, 0, blocks * POSITION_BLOCK - S))  # (N, S', C), C innermost
-        block_sums = by_position.reshape(N, blocks, POSITION_BLOCK, C).sum(2)
-        return block_sums.to(STATS_DTYPE).sum(1).unsqueeze(-1)
+            and blocks * BLOCK - S <= S // 8):
+        return _block_sums(t.transpose(1, 2), 1, blocks).unsqueeze(-1)
     return sum_dim(t, -1)
 
 
