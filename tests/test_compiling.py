@@ -85,7 +85,15 @@ class SmallNet(nn.Module):
         return self.head(self.ln(x.mean((2, 3))))
 
 
-def test_zoo_net_compiles_fullgraph_and_matches_torch_net():
+def test_zoo_net_compiles_fullgraph_and_matches_torch_net(monkeypatch):
+    """Also: the norm ops take Inductor's channels_last convolution outputs as they are (`flexible_layout`), with
+    no copy to NCHW and back, and compute the same as torch.nn on them."""
+    from normzoo import builder, graph_ops
+
+    layouts = []
+    runtime = graph_ops.runtime
+    monkeypatch.setattr(graph_ops, "runtime", lambda spec, args: layouts.append(builder.layout_of(args[0])) or
+                        runtime(spec, args))
     torch.manual_seed(1)
     ref = SmallNet(nn)
     zoo = SmallNet(normzoo)
@@ -106,6 +114,7 @@ def test_zoo_net_compiles_fullgraph_and_matches_torch_net():
                 pz.grad = pr.grad = None
     for (name, bz), br in zip(zoo.named_buffers(), ref.buffers()):
         torch.testing.assert_close(bz, br, msg=lambda m: f"{name}: {m}")
+    assert "channels_last" in layouts, layouts  # the GroupNorm after conv1, forward and backward
     # train/eval switches: one graph per mode, no recompile storm (normzoo's own kernels, compiled when the ops
     # first run, are graphs of their own)
     own = compiling.cache_info()["compiles"] - own
