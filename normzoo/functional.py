@@ -54,13 +54,22 @@ def _specs(make):
     def spec(*args):
         if torch.compiler.is_compiling():  # dynamo traces the checks themselves (and warns on a cache wrapper)
             return make(*args)
-        try:
-            hash(args)
+        try:  # hashed once, by the cache
+            return cached(*args)
         except TypeError:
-            return make(*args)
-        return cached(*args)
+            if _can_hash(args):  # the checks' own TypeError (a dtype that is not floating): as it was raised
+                raise
+        return make(*args)  # an argument that cannot be hashed: checked every time, uncached
 
     return spec
+
+
+def _can_hash(args: tuple) -> bool:
+    try:
+        hash(args)
+    except TypeError:
+        return False
+    return True
 
 
 def _empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

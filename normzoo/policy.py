@@ -35,6 +35,8 @@ from torch import Tensor
 from . import builder, compiling, engine, graph_ops, store
 
 ENV_COMPILE = compiling.ENV_COMPILE
+_ENV_DYNAMIC_BATCH = compiling.ENV_DYNAMIC_BATCH
+_raw_env = compiling.raw_env
 POLL_S = 0.2  # how often a call running eagerly looks for its kernel in the store
 
 
@@ -288,10 +290,15 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
             return graph_ops.call(spec, args)
         return compiling.inline(spec, args)
     key = None
-    if _recording is None and not engine.under_functorch():
-        key = (spec, compile, compiling.raw_env(ENV_COMPILE), compiling.raw_env(compiling.ENV_DYNAMIC_BATCH),
-               torch.is_inference_mode_enabled(), x.shape, x.stride(), x.dtype, x.device, _sig(weight), _sig(bias),
-               _sig(running_mean), _sig(running_var), _sig(momentum))
+    # not under torch.func (engine.under_functorch, with is_compiling already known False)
+    if _recording is None and torch._C._functorch.maybe_current_level() is None:
+        # written out, not by _sig: on a small input every 100 ns of this shows
+        key = (spec, compile, _raw_env(ENV_COMPILE), _raw_env(_ENV_DYNAMIC_BATCH), torch.is_inference_mode_enabled(),
+               x.shape, x.stride(), x.dtype, x.device,
+               None if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device),
+               None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
+               None if running_mean is None and running_var is None and momentum is None
+               else (_sig(running_mean), _sig(running_var), _sig(momentum)))
         plan = _plans.get(key)
         if plan is not None and plan.generation == (compiling._state.generation, _generation[0]) and (
                 compiling._state.broken is None):
