@@ -85,7 +85,15 @@ class SmallNet(nn.Module):
         return self.head(self.ln(x.mean((2, 3))))
 
 
-def test_zoo_net_compiles_fullgraph_and_matches_torch_net(monkeypatch):
+@pytest.fixture
+def no_graph_caches():
+    """Inductor's FX graph cache and AOTAutograd's cache off (their own patch(): a monkeypatched config attribute
+    of theirs is not restored to a working state)."""
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+
+
+def test_zoo_net_compiles_fullgraph_and_matches_torch_net(monkeypatch, no_graph_caches):
     """Also: the norm ops take Inductor's channels_last convolution outputs as they are (`flexible_layout`), with
     no copy to NCHW and back, and compute the same as torch.nn on them."""
     from normzoo import builder, graph_ops
@@ -94,9 +102,8 @@ def test_zoo_net_compiles_fullgraph_and_matches_torch_net(monkeypatch):
     runtime = graph_ops.runtime
     monkeypatch.setattr(graph_ops, "runtime", lambda spec, args: layouts.append(builder.layout_of(args[0])) or
                         runtime(spec, args))
-    # a graph cached by an earlier normzoo (before the tag) would keep its copies: the caches do not key on op tags
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    # no_graph_caches: a graph cached by an earlier normzoo (before the tag) would keep its copies, since the caches
+    # do not key on op tags
     torch.manual_seed(1)
     ref = SmallNet(nn)
     zoo = SmallNet(normzoo)
