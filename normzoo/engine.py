@@ -164,11 +164,15 @@ def _count(x: Tensor, dims: tuple[int, ...]) -> int:
     return n
 
 
-def _shifted_sums(rows: Tensor, shift: Tensor, total=None) -> tuple[Tensor, Tensor]:
+def _row_sums(t: Tensor) -> Tensor:
+    """t summed over its last dim (keepdim), in float64: sum_dim."""
+    return sum_dim(t, -1)
+
+
+def _shifted_sums(rows: Tensor, shift: Tensor, total=_row_sums) -> tuple[Tensor, Tensor]:
     """Sums of d and d^2 over the last dim of `rows`, d = rows - shift (in shift's dtype), keepdim, float64, taken by
-    `total` (default: sum_dim over the last dim; _channel_sums for (N, C, S) channel rows)."""
+    `total` (_row_sums; _channel_sums for (N, C, S) channel rows)."""
     d = rows.to(shift.dtype) - shift
-    total = total or (lambda t: sum_dim(t, -1))
     return total(d), total(d * d)
 
 
