@@ -309,8 +309,7 @@ def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, m
     if x.numel() == 0:  # an empty batch: no statistics, nothing they would be applied to (buffers stay as they are)
         zero = torch.zeros(x.shape[:2] + (1,) * (x.dim() - 2), dtype=cd, device=x.device)
         return zero, zero, zero + 1
-    N, C, G = x.shape[0], x.shape[1], spec.groups
-    per_channel = (N, C) + (1,) * (x.dim() - 2)
+    N, C = x.shape[0], x.shape[1]
     if not spec.batch_stats:  # BatchNorm eval: the running statistics
         affine = (1, C) + (1,) * (x.dim() - 2)
         shift = running_mean.to(cd).reshape(affine)
@@ -326,8 +325,18 @@ def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, m
         affine = (1, C) + (1,) * (x.dim() - 2)
         return shift.reshape(affine), stored(mean_d.to(cd).reshape(affine)), stored(
             torch.rsqrt(var + spec.eps).to(cd).reshape(affine))
-    # one set per sample and group of C // G channels, shifted by the first elements of its first channel
+    shift, mean_d, var = _group_moments(spec, x)
+    return _per_channel(spec, x, shift, mean_d, var)
+
+
+def _group_moments(spec: NormSpec, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(shift, mean - shift in float64, biased variance in float64), each (N, G, 1), of a channel norm's sets: one
+    per sample and group of C // G channels, shifted by the first elements of its first channel."""
+    cd = compute_dtype(x.dtype)
+    N, C, G = x.shape[0], x.shape[1], spec.groups
     members = C // G
+    rows = _channel_rows(x)  # (N, C, S)
+    S = rows.shape[-1]
     if x.is_contiguous():  # the group's elements are one contiguous row
         group_rows = x.reshape(N, G, members * S)
         shift = _first_mean(group_rows, cd, spec.center)  # (N, G, 1)
@@ -338,7 +347,16 @@ def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, m
         s1, s2 = (t.reshape(N, G, members).sum(2, keepdim=True)
                   for t in _shifted_sums(rows, stored(per_member), _channel_sums))
     mean_d, var = _moments_from_sums(s1, s2, members * S, spec.center)
-    expand = lambda t: t.reshape(N, G, 1).expand(N, G, members).reshape(per_channel)  # noqa: E731
+    return shift, mean_d, var
+
+
+def _per_channel(spec: NormSpec, x: Tensor, shift: Tensor, mean_d: Tensor, var: Tensor):
+    """_group_moments' (N, G, 1) results as statistics returns them: (shift, mean - shift, rstd), one value per
+    (sample, channel), in compute_dtype, each computed once into a buffer."""
+    cd = compute_dtype(x.dtype)
+    N, C, G = x.shape[0], x.shape[1], spec.groups
+    per_channel = (N, C) + (1,) * (x.dim() - 2)
+    expand = lambda t: t.reshape(N, G, 1).expand(N, G, C // G).reshape(per_channel)  # noqa: E731
     return stored(expand(shift)), stored(expand(mean_d.to(cd))), stored(expand(torch.rsqrt(var + spec.eps).to(cd)))
 
 
@@ -416,8 +434,65 @@ def forward_inference(spec: NormSpec, x: Tensor, weight=None, bias=None, running
     """The forward with no autograd: (y, shift, mean_d, rstd), the statistics being what `backward` needs.
     normzoo.compiling compiles this (an inference graph) and `backward` apart, and ties them with its own
     autograd.Function."""
+    if _one_pass(spec, x):
+        return _group_forward_one_pass(spec, x, weight, bias)
     shift, mean_d, rstd = statistics(spec, x, running_mean, running_var, momentum)
     return _normalize(spec, x, weight, bias, shift, mean_d, rstd), shift, mean_d, rstd
+
+
+ONE_PASS_GROUPS = 8  # the fewest groups that take _group_forward_one_pass: its loop is parallel over N * G rows
+
+
+def _one_pass(spec: NormSpec, x: Tensor) -> bool:
+    """Whether Inductor compiles this forward as _group_forward_one_pass: a channel norm with batch statistics
+    over contiguous groups, with enough groups that a batch of one still spreads over the threads (GroupNorm(1)
+    on 4x96x56x56, 4 rows: no faster, and at 2 threads less even)."""
+    return (torch.compiler.is_compiling() and spec.groups is not None and spec.groups >= ONE_PASS_GROUPS
+            and not spec.batch and spec.batch_stats and x.dim() > 2 and x.numel() > 0 and x.is_contiguous())
+
+
+def _group_forward_one_pass(spec: NormSpec, x: Tensor, weight: Tensor | None, bias: Tensor | None):
+    """forward_inference of a channel norm over contiguous groups, laid out so that Inductor puts the statistics
+    and the normalize in one loop over the (sample, group) rows (its outer-loop fusion): each group is normalized
+    right after its sums, while it is still in cache, as ATen's GroupNorm does. The same values as the two-nest form
+    (y = (x - shift) * a + k, a = rstd * weight, k = bias - mean_d * a), to the bit.
+
+    What the fusion needs: every loop nest indexed by the row first (the normalize over (rows, C // G, S), its
+    per-channel weight and bias read through the row's group), and the per-row rstd and mean as _per_row reductions.
+    Measured on an AVX-512 Xeon, 2 threads, forward of GroupNorm(32) on 8x64x56x56 under torch.compile: 0.72 ms
+    as two nests, 0.51 ms in one (torch 0.41 ms, a clone 0.29 ms)."""
+    cd = compute_dtype(x.dtype)
+    N, C, G = x.shape[0], x.shape[1], spec.groups
+    members, S = C // G, _count(x, tuple(range(2, x.dim())))
+    shift, mean_d, var = _group_moments(spec, x)  # (N, G, 1)
+    first = x.reshape(N * G, members * S)
+    rstd = _per_row(torch.rsqrt(var + spec.eps).to(cd).reshape(N * G, 1), first).unsqueeze(-1)
+    mean = _per_row(mean_d.to(cd).reshape(N * G, 1), first).unsqueeze(-1)
+
+    def per_member(t):  # weight or bias read through each row's group: (N * G, C // G, 1)
+        return t.to(cd).reshape(1, G, members).expand(N, G, members).reshape(N * G, members, 1)
+
+    a = rstd if weight is None else rstd * per_member(weight)
+    k = -mean * a if bias is None else per_member(bias) - mean * a
+    y = (x.reshape(N * G, members, S).to(cd) - shift.reshape(N * G, 1, 1)) * a + k
+    if spec.activation is not None:
+        y = ACTIVATIONS[spec.activation](y)
+    # (N * G, ...) split back first: in one reshape, Inductor could not tell the symbolic N * G rows apart again
+    # and copied y into x's shape
+    y = y.to(x.dtype).reshape(N, G, members, S).reshape(x.shape)
+    return (y,) + _per_channel(spec, x, shift, mean_d, var)
+
+
+def _per_row(t: Tensor, rows: Tensor) -> Tensor:
+    """t (rows, 1), as the max over SHIFT_ELEMENTS copies of itself, each plus an exact zero read from one of the
+    row's first elements: a reduction, which Inductor computes once per row in the loop over rows and vectorizes
+    along the copies (the read of the row keeps it from being vectorized across rows, and nan_to_num from being
+    folded away). As a plain pointwise result it would be inlined into the normalize, its float64 division, sqrt
+    and reciprocal once per vector (Inductor compiles with -fmath-errno, so gcc does not hoist them), or, kept in a
+    buffer, computed in a loop vectorized across rows, which Inductor does not fuse into the row loop."""
+    k = min(SHIFT_ELEMENTS, rows.shape[-1])
+    zero = (rows.narrow(-1, 0, k).to(t.dtype) * 0.0).nan_to_num(0.0, 0.0, 0.0)
+    return (t + zero).amax(-1, keepdim=True)
 
 
 def backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, shift, mean_d, rstd, dy):

@@ -381,3 +381,31 @@ def test_user_compile_sees_each_norm_as_one_op_and_export_keeps_the_engine_inlin
         g.sum().backward()
     program = torch.export.export(nn.Sequential(normzoo.GroupNorm(4, 8)), (torch.randn(2, 8, 5, 5),))
     assert not [n for n in program.graph.nodes if "normzoo" in str(n.target)]
+
+
+@pytest.mark.parametrize("groups, affine", [(8, True), (16, False)])
+def test_contiguous_group_norm_forward_reads_x_in_one_parallel_loop(groups, affine, no_graph_caches):
+    """The statistics and the normalize of a contiguous GroupNorm share one loop over the (sample, group) rows
+    (engine._group_forward_one_pass): x is read in one parallel loop, not in one for the sums and one for y. And the
+    values are the norm's: against the float64 oracle, and against the eager engine."""
+    from torch._inductor.utils import run_and_get_code
+
+    from normzoo import engine
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 32, 32) * 3 + 100  # groups of 2-4 maps of 32x32: rows long enough for the fusion
+    weight, bias = (torch.randn(32), torch.randn(32)) if affine else (None, None)
+    spec = engine.NormSpec(groups=groups, eps=1e-5, activation="silu" if affine else None)
+    fn = torch.compile(lambda *t: engine.forward_inference(spec, *t), dynamic=False, fullgraph=True)
+    (y, shift, mean_d, rstd), codes = run_and_get_code(fn, x, weight, bias)
+    kernel = next(code for code in codes if "#pragma omp for" in code)
+    loops_reading_x = [part for part in kernel.split("#pragma omp for")[1:] if "in_ptr0" in part]
+    assert len(loops_reading_x) == 1, kernel
+    eager = engine.forward_inference(spec, x, weight, bias)
+    for got, want in zip((y, shift, mean_d, rstd), eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    w64 = None if weight is None else weight.double()
+    b64 = None if bias is None else bias.double()
+    oracle = nn.functional.group_norm(x.double(), groups, w64, b64, 1e-5)
+    oracle = nn.functional.silu(oracle) if affine else oracle
+    assert (y.double() - oracle).abs().max().item() < 1e-5
