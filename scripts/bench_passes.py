@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import re
 import statistics
 import sys
@@ -30,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from normzoo import compiling, engine  # noqa: E402
+from normzoo.sweeps.report import environment  # noqa: E402
 
 # name -> (label, spec, input shape, memory format)
 CASES = {
@@ -43,23 +43,6 @@ CASES = {
            None),
     "in": ("InstanceNorm2d 1x64x128x128", engine.NormSpec(groups=64, eps=1e-5), (1, 64, 128, 128), None),
 }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def isa() -> str:
-    from torch._inductor import cpu_vec_isa
-
-    return str(cpu_vec_isa.pick_vec_isa()) or "none"
 
 
 def full_size_reads(codes: list[str], shape: tuple[int, ...]) -> list[int]:
@@ -181,7 +164,9 @@ def run_case(label, spec, shape, memory_format, repeat: int) -> list[dict]:
 
 
 def markdown(rows: list[dict], threads: int) -> str:
-    out = [f"{cpu_model()}, {isa()}, {threads} thread(s), torch {torch.__version__}; ms, median of rounds' best.",
+    env = environment(threads=threads)
+    out = [f"{env['cpu']}, {env['isa']}, {threads} thread(s), torch {env['torch']}, {env['date']}; ms, median of "
+           "rounds' best.",
            "",
            "| case | kernel | full-size reads per loop nest | normzoo | ATen | copy floor | normzoo / ATen |",
            "|---|---|---|---|---|---|---|"]
