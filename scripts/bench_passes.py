@@ -53,11 +53,14 @@ def full_size_reads(codes: list[str], shape: tuple[int, ...]) -> list[int]:
     size = "(" + ", ".join(str(n) for n in shape) + ")"
     for code in codes:
         full = set(re.findall(rf"assert_size_stride\((arg\d+_1), {re.escape(size)}", code))
-        for match in re.finditer(r"\n\s*(cpp_fused\w*)\(([^)]*)\)", code):
+        calls = list(re.finditer(r"\n\s*(cpp_fused\w*)\(([^)]*)\)", code))
+        if calls and not full:  # a count of 0 must mean no reads, not code this parser does not understand
+            raise RuntimeError(f"no input of shape {size} found in the generated code (its format changed?)")
+        for match in calls:
             name, call_args = match.group(1), [a.strip() for a in match.group(2).split(",")]
             body = re.search(rf"{name} = async_compile\.cpp_pybinding\((.*?)'''\)", code, re.S)
             if body is None:
-                continue
+                raise RuntimeError(f"kernel {name} is called but its C++ was not found in the generated code")
             signature, kernel = body.group(1).split("kernel(", 1)[1].split(")", 1)
             params = [p.split()[-1].strip("*") for p in signature.split(",")]
             pointers = [p for p, a in zip(params, call_args) if a in full]
