@@ -64,6 +64,8 @@ def full_size_reads(codes: list[str], shape: tuple[int, ...]) -> list[int]:
             signature, kernel = body.group(1).split("kernel(", 1)[1].split(")", 1)
             params = [p.split()[-1].strip("*") for p in signature.split(",")]
             pointers = [p for p, a in zip(params, call_args) if a in full]
+            if pointers and "#pragma omp for" not in kernel:  # serial loops: their nests are not told apart here
+                raise RuntimeError(f"kernel {name} reads a full-size input outside any parallel loop nest")
             for part in kernel.split("#pragma omp for")[1:]:
                 if _elements(part) * 2 < math.prod(shape):  # a few elements of each set: the shift's, not a pass
                     continue

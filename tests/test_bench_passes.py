@@ -43,3 +43,17 @@ def test_counts_two_nests_where_a_row_sum_is_needed_across_rows():
 def test_rejects_unknown_cases():
     with pytest.raises(SystemExit):
         bp.main(["--cases", "ln768,nope"])
+
+
+def test_raises_where_it_cannot_tell_the_nests_apart():
+    """A kernel whose loops are serial (no `omp for`), or a wrapper without the inputs' shapes: an error, not a 0."""
+    kernel = ("cpp_fused_add_0 = async_compile.cpp_pybinding(['const float*', 'float*'], r'''\n"
+              'extern "C" void kernel(const float* in_ptr0, float* out_ptr0)\n{\n'
+              "    for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(4096L); x0+=static_cast<int64_t>(1L))\n"
+              "    { out_ptr0[x0] = in_ptr0[x0]; }\n}\n''')\n")
+    call = "\n        cpp_fused_add_0(arg0_1, buf0)\n"
+    shape = "        assert_size_stride(arg0_1, (64, 64), (64, 1))\n"
+    with pytest.raises(RuntimeError, match="outside any parallel loop"):
+        bp.full_size_reads([kernel + shape + call], (64, 64))
+    with pytest.raises(RuntimeError, match="no input of shape"):
+        bp.full_size_reads([kernel + call], (64, 64))
