@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import engine, store
+from . import engine, native, store
 
 FORWARD_ARGS = ("x", "weight", "bias", "running_mean", "running_var", "momentum")
 BACKWARD_ARGS = ("x", "weight", "bias", "shift", "mean_d", "rstd", "dy")
@@ -149,20 +149,35 @@ def _take_lock(key: str, root: Path) -> bool:
 def build_once(job: dict, root: Path | None = None) -> str:
     """Build a job's kernel unless the store holds it or another process is building it. Returns what happened:
     "stored" (already there), "busy" (another builder holds the lock), "built"."""
+    return _once(job["key"], root, lambda r: store.lookup(job["key"], job["fields"], r) is not None,
+                 lambda r: build(job, r))
+
+
+def build_native_once(root: Path | None = None) -> str:
+    """The same for the C++ autograd node (normzoo.native)."""
+    return _once(native.name(), root, lambda r: native.path(r).exists(), native.build)
+
+
+def build_job_once(job: dict, root: Path | None = None) -> str:
+    """A kernel job's build_once, or the node's (a job with role "native")."""
+    return build_native_once(root) if job.get("role") == "native" else build_once(job, root)
+
+
+def _once(key: str, root: Path | None, there, make) -> str:
     root = store.kernel_dir() if root is None else root
     root.mkdir(parents=True, exist_ok=True)
-    if store.lookup(job["key"], job["fields"], root) is not None:
+    if there(root):
         return "stored"
-    if not _take_lock(job["key"], root):
+    if not _take_lock(key, root):
         return "busy"
     try:
-        if store.lookup(job["key"], job["fields"], root) is not None:
+        if there(root):
             return "stored"
-        build(job, root)
+        make(root)
         return "built"
     finally:
         try:
-            (root / f"{job['key']}.lock").unlink()
+            (root / f"{key}.lock").unlink()
         except OSError:
             pass
 
@@ -180,7 +195,8 @@ def worker() -> int:
         job = json.loads(line)
         start = time.perf_counter()
         try:
-            status = build_once(job, Path(job["root"]) if job.get("root") else None)
+            root = Path(job["root"]) if job.get("root") else None
+            status = build_job_once(job, root)
             result = {"key": job["key"], "status": status}
         except Exception as err:  # noqa: BLE001 - report it; the caller falls back for this kernel
             result = {"key": job["key"], "status": "failed",

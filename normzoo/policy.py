@@ -12,6 +12,10 @@ NORMZOO_COMPILE picks the policy:
   benchmarks and the test suite use: the kernel a call gets does not depend on timing).
 - `0` (or `compile=False` on a layer): the eager engine.
 
+Training calls whose forward and backward kernels came from the store go through the C++ autograd node
+(normzoo.native) once it is built (by the same background builder); before that, and with NORMZOO_NATIVE=0,
+through the Python autograd.Function of normzoo.compiling, with the same kernels.
+
 Signatures the store does not take run the in-memory compile: CUDA inputs, layouts other than contiguous and
 channels_last, BatchNorm training that updates running statistics (an AOTInductor package does not write its
 inputs). Sizes 0 run eagerly; dims of size 1 are static in a kernel's shape contract (another kernel). A store
@@ -32,7 +36,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from . import builder, compiling, engine, graph_ops, store
+from . import builder, compiling, engine, graph_ops, native, store
 
 ENV_COMPILE = compiling.ENV_COMPILE
 _ENV_DYNAMIC_BATCH = compiling.ENV_DYNAMIC_BATCH
@@ -173,6 +177,7 @@ class StoreKernel:
         self.entries: dict = {}  # "forward" or needs -> store.Loaded | _Pending | _FALLBACK
         self._memory: compiling._Kernel | None = None  # the in-memory compile, for entries the store cannot serve
         self.dense: bool | None = None  # whether every argument is in a layout the kernels take as it is
+        self.nodes: dict = {}  # needs -> the C++ autograd node (normzoo.native) of the loaded forward and backward
 
     def forward(self, tensors: tuple):
         entry = self.entries.get("forward")
@@ -205,6 +210,33 @@ class StoreKernel:
             return self._in_memory().backward(needs, tensors)
         _stats.eager_calls += _recording is None
         return engine.backward(self.spec, needs, *tensors)
+
+    def native_apply(self, args: tuple):
+        """y from the C++ autograd node for a call that needs gradients, or None where there is none (yet): the
+        backward kernel for these needs is loaded by a first backward through the Python autograd.Function, and the
+        extension by the background builder."""
+        x, weight, bias = args[0], args[1], args[2]
+        needs = (x.requires_grad, weight is not None and weight.requires_grad, bias is not None and bias.requires_grad)
+        node = self.nodes.get(needs)
+        if node is None:
+            node = self._node(needs, x)
+            if node is None:
+                return None
+        return node(x, weight, bias, args[3], args[4])
+
+    def _node(self, needs, x):
+        forward, backward = self.entries.get("forward"), self.entries.get(needs)
+        if not (forward.__class__ is store.Loaded and backward.__class__ is store.Loaded and self.dense
+                and x.__class__ is Tensor and native.enabled()):  # a tensor subclass keeps its Python path
+            return None
+        ext = native.module(background.submit, background.results)
+        if ext is None:
+            return None
+        with _lock:
+            if needs not in self.nodes:
+                self.nodes[needs] = ext.Node(str(forward.package), str(backward.package), needs, builder.layout_of(x),
+                                             native.token(self.spec))
+            return self.nodes[needs]
 
     def _in_memory(self) -> compiling._Kernel:
         if self._memory is None:
@@ -374,7 +406,7 @@ def info() -> dict:
     calls that ran eagerly meanwhile, fallbacks to the in-memory compile, and the builder's state."""
     return {"mode": mode(), "kernel_dir": str(store.kernel_dir()), "store_loaded": _stats.loaded,
             "store_requested": _stats.requested, "eager_interim_calls": _stats.eager_calls,
-            "store_fallbacks": _stats.fallbacks, "background": background.info()}
+            "store_fallbacks": _stats.fallbacks, "background": background.info(), "native_node": native.status()}
 
 
 def cache_info() -> dict:

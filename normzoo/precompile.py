@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from . import builder, policy, store
+from . import builder, native, policy, store
 
 
 def _outputs_sum(out) -> torch.Tensor:
@@ -31,7 +31,8 @@ def _outputs_sum(out) -> torch.Tensor:
 
 def jobs_for(model: torch.nn.Module, *example_inputs, grad: bool = True) -> list[dict]:
     """The kernels (builder jobs) a forward, and with grad a backward, of the model on these inputs asks the store
-    for, each once, in the order of first use. Runs a copy of the model eagerly."""
+    for, each once, in the order of first use, and for training the C++ autograd node (normzoo.native) that ties
+    them together. Runs a copy of the model eagerly."""
     probe = copy.deepcopy(model)
     with policy.forced_background(), policy.recording() as recorded:
         if grad:
@@ -45,10 +46,14 @@ def jobs_for(model: torch.nn.Module, *example_inputs, grad: bool = True) -> list
     unique: dict[str, dict] = {}
     for job in recorded:
         unique.setdefault(job["key"], job)
+    if native.enabled() and any(job["role"] == "backward" for job in recorded):
+        unique[native.name()] = {"key": native.name(), "role": "native"}
     return list(unique.values())
 
 
 def describe_job(job: dict) -> str:
+    if job["role"] == "native":
+        return "the C++ autograd node (normzoo.native)"
     spec = job["spec"]
     family = (f"groups={spec['groups']}" if spec["groups"] is not None else f"dims={tuple(spec['dims'])}")
     x = job["args"][0]
@@ -69,7 +74,7 @@ def build_jobs(jobs: list[dict], progress: bool = True, stream=None) -> dict:
     for i, job in enumerate(jobs, 1):
         t0 = time.perf_counter()
         try:
-            status = builder.build_once(job)
+            status = builder.build_job_once(job)
         except Exception as err:  # noqa: BLE001 - report and go on with the next kernel
             status = "failed"
             summary["failed"][job["key"]] = f"{describe_job(job)}: {type(err).__name__}: {str(err).strip()[:300]}"

@@ -8,6 +8,8 @@ import torch
 # touches the user's kernel store: tests of the store and its background builder set their own mode and directory.
 os.environ["NORMZOO_COMPILE"] = "sync"
 os.environ["NORMZOO_KERNEL_DIR"] = tempfile.mkdtemp(prefix="normzoo-test-kernels-")
+# Nor does it build the C++ autograd node (~30 s of gcc per store): tests/test_native.py, marked `native`, does.
+os.environ["NORMZOO_NATIVE"] = "0"
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,143 @@
+"""The C++ autograd node (normzoo/csrc/node.cpp): a store kernel's forward and backward called with no Python
+between them and autograd.
+
+A training call through the Python autograd.Function costs tens of microseconds more than torch.nn's, most of a
+small input's time (the README's small-input study). The node is one C++ extension, compiled once per torch
+version and source into the kernel store by the background builder (normzoo.builder, ~30 s of gcc), and imported
+by later processes in milliseconds. Until it is there, and wherever it is not (NORMZOO_NATIVE=0, a build that
+failed), calls take the Python autograd.Function: the same kernels, the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from . import engine, store
+
+ENV_NATIVE = "NORMZOO_NATIVE"
+SOURCE = Path(__file__).with_name("csrc") / "node.cpp"
+POLL_S = 0.2  # how often a call looks for the extension while it is being built
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_NATIVE, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+@functools.cache
+def name() -> str:
+    """The extension's module name: it changes with its source, torch's version and the Python ABI, so an entry
+    built for any other is never imported."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(f"{torch.__version__}|{sys.implementation.cache_tag}|{sys.platform}".encode())
+    return f"normzoo_node_{h.hexdigest()[:16]}"
+
+
+def path(root: Path | None = None) -> Path:
+    return (store.kernel_dir() if root is None else root) / f"{name()}.so"
+
+
+def build(root: Path) -> Path:
+    """Compile the extension into `root` (the store), whole or not at all: built in a temporary directory there,
+    then renamed into place."""
+    import tempfile
+
+    from torch.utils import cpp_extension
+
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".native-") as tmp:
+        cpp_extension.load(name(), [str(SOURCE)], build_directory=tmp, extra_cflags=["-O2"], verbose=False)
+        os.replace(Path(tmp) / f"{name()}.so", path(root))
+    return path(root)
+
+
+class _State:
+    def __init__(self) -> None:
+        self.module = None
+        self.error: str | None = None  # why the extension cannot be had in this process
+        self.asked = False  # whether the builder was handed the job
+        self.next_check = 0.0
+
+
+_state = _State()
+_lock = threading.Lock()
+_tokens: dict = {}  # spec -> token (the C++ node's name for it), and back in _specs
+_specs: list = []
+
+
+def token(spec: engine.NormSpec) -> int:
+    with _lock:
+        if spec not in _tokens:
+            _tokens[spec] = len(_specs)
+            _specs.append(spec)
+        return _tokens[spec]
+
+
+def _create_graph_backward(token, needs, x, weight, bias, shift, mean_d, rstd, dy):
+    return tuple(engine.backward_create_graph(_specs[token], needs, x, weight, bias, shift, mean_d, rstd, dy))
+
+
+def module(submit, results: dict):
+    """The extension's module, or None while it is not there (or cannot be). `submit(job)` hands the build to the
+    background builder (False: none can take it); `results` holds the builder's answers by key."""
+    state = _state
+    if state.module is not None or state.error is not None:
+        return state.module
+    now = time.monotonic()
+    if now < state.next_check:
+        return None
+    with _lock:
+        state.next_check = now + POLL_S
+        if path().exists():
+            state.module = _import(path())
+            return state.module
+        result = results.get(name())
+        if result is not None and result["status"] == "failed":
+            _fail(f"building it failed ({result.get('error')})")
+        elif not state.asked:
+            state.asked = True
+            if not submit({"key": name(), "role": "native"}):
+                _fail("the background builder could not be started")
+    return None
+
+
+def _import(file: Path):
+    if name() in sys.modules:  # imported once per process: pybind11 registers its types at import
+        return sys.modules[name()]
+    try:
+        loader = importlib.machinery.ExtensionFileLoader(name(), str(file))
+        spec = importlib.util.spec_from_file_location(name(), str(file), loader=loader)
+        mod = importlib.util.module_from_spec(spec)
+        loader.exec_module(mod)
+        sys.modules[name()] = mod
+    except Exception as err:  # noqa: BLE001 - a broken entry: the Python path serves, and says why once
+        _fail(f"{file} does not import ({type(err).__name__}: {err})")
+        return None
+    mod.set_create_graph_backward(_create_graph_backward)
+    return mod
+
+
+def _fail(why: str) -> None:
+    _state.error = why
+    store.warn_once("native", f"the C++ autograd node is not available: {why}; training calls take the Python "
+                              f"autograd.Function (same kernels, more per-call time). {ENV_NATIVE}=0 silences this.")
+
+
+def status() -> str:
+    """For cache_info(): 'off', 'loaded', 'failed: why', 'building' or 'not needed yet'."""
+    if not enabled():
+        return "off"
+    if _state.module is not None:
+        return "loaded"
+    if _state.error is not None:
+        return f"failed: {_state.error}"
+    return "building" if _state.asked else "not needed yet"

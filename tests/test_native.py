@@ -1,0 +1,238 @@
+"""The C++ autograd node (normzoo.native): once the extension and a signature's kernels are in the store, training
+calls go through it, with the same numbers as the Python autograd.Function (the same kernels), double backward
+included; and where the extension cannot be had, calls keep the Python path and say why once.
+
+The tests that build the extension (~30 s of gcc) and its kernels are marked `native` and run in their own CI
+step (`python -m pytest -m native`); the failure paths need no build and run in the default suite."""
+
+import os
+import subprocess
+import sys
+import threading
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import normzoo
+from normzoo import builder, compiling, native, policy, store
+from normzoo.precompile import precompile
+
+
+@pytest.fixture
+def fresh_native(monkeypatch):
+    """A process state that has not looked for the extension yet (the module, if imported, stays imported)."""
+    monkeypatch.setattr(native, "_state", native._State())
+    monkeypatch.setattr(store, "_warned", set())
+    monkeypatch.setenv(native.ENV_NATIVE, "1")
+
+
+def test_a_builder_that_cannot_start_leaves_the_python_path_with_one_warning(fresh_native, tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMZOO_KERNEL_DIR", str(tmp_path))
+    jobs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native.module(lambda job: jobs.append(job) or False, {}) is None
+    assert jobs == [{"key": native.name(), "role": "native"}]
+    assert native.status().startswith("failed: the background builder could not be started")
+    assert [str(w.message) for w in caught if "C++ autograd node" in str(w.message)], [str(w.message) for w in caught]
+    assert native.module(lambda job: pytest.fail("asked twice"), {}) is None  # failed once: not asked again
+
+
+def test_a_failed_build_and_a_broken_entry_are_reported_not_imported(fresh_native, tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMZOO_KERNEL_DIR", str(tmp_path))
+    asked = []
+    assert native.module(lambda job: asked.append(job) or True, {}) is None and native.status() == "building"
+    native._state.next_check = 0.0
+    with pytest.warns(RuntimeWarning, match="building it failed .CompileError: no gcc."):
+        native.module(asked.append, {native.name(): {"status": "failed", "error": "CompileError: no gcc"}})
+    assert native.status() == "failed: building it failed (CompileError: no gcc)"
+
+    monkeypatch.setattr(native, "_state", native._State())
+    monkeypatch.setattr(store, "_warned", set())
+    native.path().write_bytes(b"not a shared library")
+    if native.name() in sys.modules:
+        pytest.skip("the extension is already imported in this process")
+    with pytest.warns(RuntimeWarning, match="does not import"):
+        assert native.module(asked.append, {}) is None
+    assert len(asked) == 1
+
+
+def test_native_off_is_reported_and_calls_keep_the_python_function(monkeypatch):
+    monkeypatch.setenv(native.ENV_NATIVE, "0")
+    assert native.status() == "off" and policy.info()["native_node"] == "off"
+
+
+# ---- with the extension built (marked: ~30 s of gcc, plus two kernels per signature) ----
+
+SHAPE = (3, 8, 5, 6)
+
+
+@pytest.fixture(scope="module")
+def native_store(tmp_path_factory):
+    """A store with the extension and the kernels of the layers below, built synchronously."""
+    root = tmp_path_factory.mktemp("native-store")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NORMZOO_KERNEL_DIR", str(root))
+    try:
+        assert builder.build_native_once(root) == "built"
+        gn, bn = _group_norm(), _batch_norm()
+        x = torch.randn(SHAPE, requires_grad=True)
+        assert not precompile(gn, x, progress=False)["failed"]
+        x_cl = torch.randn(SHAPE).contiguous(memory_format=torch.channels_last).requires_grad_()
+        for p in bn.parameters():
+            p.requires_grad_(False)  # the backward kernel for dx only
+        assert not precompile(bn, x_cl, progress=False)["failed"]
+    finally:
+        mp.undo()
+    return root
+
+
+def _group_norm():
+    torch.manual_seed(5)
+    m = normzoo.GroupNorm(4, 8)
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    return m
+
+
+def _batch_norm():
+    torch.manual_seed(6)
+    m = normzoo.BatchNorm2d(8).eval()
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+        m.running_mean.normal_()
+        m.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+@pytest.fixture
+def use_store(native_store, fresh_native, monkeypatch):
+    monkeypatch.setenv("NORMZOO_KERNEL_DIR", str(native_store))
+    monkeypatch.setenv("NORMZOO_COMPILE", "1")
+    policy.clear()
+    yield native_store
+    policy.clear()
+
+
+def _through_python(layer, x):
+    """The same call through the Python autograd.Function (what serves it before the node is there)."""
+    kernel = next(iter(policy._kernels.values()))
+    args = (x, layer.weight, layer.bias, getattr(layer, "running_mean", None), getattr(layer, "running_var", None),
+            None)
+    return compiling._CompiledNorm.apply(kernel, x, args[1], args[2], args[3:])
+
+
+def _warm(layer, x, dy):
+    """Calls until the node serves: the first loads the kernels and runs the Python function's backward."""
+    for _ in range(3):
+        layer(x).backward(dy)
+    assert native.status() == "loaded", policy.info()
+    y = layer(x)
+    assert "NormFunction" in y.grad_fn.name(), y.grad_fn.name()  # the C++ node's, not _CompiledNormBackward
+    return y
+
+
+@pytest.mark.native
+def test_the_node_gives_the_python_functions_numbers_bit_for_bit(use_store):
+    m = _group_norm()
+    x = torch.randn(SHAPE, requires_grad=True)
+    dy = torch.randn(SHAPE)
+    _warm(m, x, dy)
+    grads = []
+    for call in (m, lambda t: _through_python(m, t)):
+        x.grad = None
+        m.zero_grad(set_to_none=True)
+        y = call(x)
+        y.backward(dy)
+        grads.append((y.detach(), x.grad, m.weight.grad, m.bias.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    # and both agree with the float64 oracle
+    ref = nn.GroupNorm(4, 8).double()
+    ref.load_state_dict(m.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    ref(x64).backward(dy.double())
+    assert (grads[0][1].double() - x64.grad).abs().max() < 1e-5
+    assert (grads[0][2].double() - ref.weight.grad).abs().max() < 1e-4
+
+
+@pytest.mark.native
+def test_a_dy_in_another_layout_and_a_partial_set_of_needs(use_store):
+    """BatchNorm2d eval on channels_last (running statistics as kernel inputs), only x needing a gradient; dy from
+    sum() is an expanded tensor, copied to x's layout before the kernel reads it."""
+    m = _batch_norm()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(SHAPE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    _warm(m, x, torch.randn(SHAPE))
+    x.grad = None
+    (m(x) * 1.0).sum().backward()
+    via_node = x.grad
+    x.grad = None
+    _through_python(m, x).sum().backward()
+    assert torch.equal(via_node, x.grad)
+    expected = (m.weight / torch.sqrt(m.running_var + m.eps)).view(1, -1, 1, 1).expand(SHAPE)
+    assert torch.allclose(via_node, expected, atol=1e-6)
+
+
+@pytest.mark.native
+def test_double_backward_through_the_node(use_store):
+    m = _group_norm()
+    x = torch.randn(SHAPE, requires_grad=True)
+    dy = torch.randn(SHAPE)
+    y = _warm(m, x, dy)
+    results = []
+    for out in (y, _through_python(m, x)):
+        (dx,) = torch.autograd.grad(out, x, dy, create_graph=True)
+        results.append(torch.autograd.grad((dx * dx).sum(), (x, m.weight)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    x64 = x.detach().double().requires_grad_()
+    w64 = m.weight.detach().double().requires_grad_()
+    y64 = torch.nn.functional.group_norm(x64, 4, w64, m.bias.detach().double())
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double(), create_graph=True)
+    gx64, _ = torch.autograd.grad((dx64 * dx64).sum(), (x64, w64))
+    assert (results[0][0].double() - gx64).abs().max() < 1e-4 * gx64.abs().max()
+
+
+@pytest.mark.native
+def test_threads_share_the_node(use_store):
+    m = _group_norm()
+    x = torch.randn(SHAPE, requires_grad=True)
+    dy = torch.randn(SHAPE)
+    _warm(m, x, dy)
+    (expected,) = torch.autograd.grad(m(x), x, dy)
+    got, errors = [], []
+
+    def work():
+        try:
+            for _ in range(20):
+                xi = x.detach().requires_grad_()
+                got.append(torch.autograd.grad(m(xi), xi, dy)[0])
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 60
+    assert all(torch.equal(g, expected) for g in got)
+
+
+@pytest.mark.native
+def test_a_new_process_imports_the_extension_without_building(use_store):
+    code = ("import torch, normzoo; from normzoo import native, policy\n"
+            "m = normzoo.GroupNorm(4, 8); x = torch.randn(3, 8, 5, 6, requires_grad=True)\n"
+            "for _ in range(3): m(x).sum().backward()\n"
+            "print(native.status(), policy.info()['store_requested'], 'NormFunction' in m(x).grad_fn.name())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, NORMZOO_NATIVE="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status, requested, grad_fn = proc.stdout.split()
+    assert (status, requested, grad_fn) == ("loaded", "0", "True"), proc.stdout
