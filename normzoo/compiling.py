@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import engine
+from . import engine, native
 
 ENV_COMPILE = "NORMZOO_COMPILE"
 ENV_CACHE_SIZE = "NORMZOO_CACHE_SIZE"
@@ -129,6 +129,7 @@ def clear_cache() -> None:
     with _state.lock:
         _state.kernels.clear()
         _state.generation += 1
+        native.invalidate()
 
 
 def _forward_entry(spec, x, weight, bias, running_mean, running_var, momentum):
@@ -462,10 +463,12 @@ def _new_kernel(key, spec, dims) -> "_Kernel":
                 _state.kernels.popitem(last=False)
                 _state.evictions += 1
                 _state.generation += 1
+                native.invalidate()
     return kernel
 
 
 def _turn_compile_off(err: Exception) -> None:
+    native.invalidate()
     _state.broken = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
     warnings.warn(
         "normzoo: torch.compile failed, so normzoo layers now run eagerly (correct but slower). "

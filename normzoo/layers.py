@@ -7,12 +7,14 @@ NORMZOO_COMPILE) and `activation` (None, "silu", "relu", "gelu", "gelu_tanh": fu
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as NF
+from . import native, policy
 
 __all__ = [
     "GroupNorm", "LayerNorm", "RMSNorm", "LayerNorm2d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
@@ -27,11 +29,53 @@ def _as_shape(normalized_shape) -> tuple[int, ...]:
     return tuple(int(s) for s in normalized_shape)
 
 
+def _fast_forward(forward):
+    """A layer's forward that first asks the layer's fast path (normzoo.native): a call whose exact signature store
+    kernels served before runs them with no Python past this point. A miss takes `forward`, the Python way, which
+    teaches the fast path what served it (normzoo.policy). Families without running statistics only: their kernel
+    depends on nothing but the layer's settings (any change of which drops the fast path, see _Extras.__setattr__)
+    and the signature the fast path checks."""
+
+    @functools.wraps(forward)
+    def fast_forward(self, input: Tensor) -> Tensor:
+        fast = None
+        if not torch.compiler.is_compiling():
+            fast = self.__dict__.get("_fast_path")
+            if fast is None:
+                fast = native.fast_path()
+                if fast is not None:
+                    self.__dict__["_fast_path"] = fast
+        if (fast is None or input.__class__ is not Tensor or torch._C._functorch.maybe_current_level() is not None
+                or policy._recording is not None):
+            return forward(self, input)
+        y = fast(input, self.weight, self.bias if self._has_bias else None)
+        if y is not None:
+            return y
+        policy.learning.fast = fast
+        try:
+            return forward(self, input)
+        finally:
+            policy.learning.fast = None
+
+    return fast_forward
+
+
 class _Extras:
     """The keyword-only extensions every family shares, and torch.nn's affine parameters."""
 
     compile: bool
     activation: str | None
+    _has_bias = True  # RMSNorm has none at all
+
+    def __setattr__(self, name: str, value) -> None:
+        # any setting, parameter or mode may change the kernel a call takes: the fast path relearns
+        self.__dict__.pop("_fast_path", None)
+        super().__setattr__(name, value)
+
+    def __getstate__(self):
+        state = super().__getstate__()  # a copy, pickled or deep-copied without the fast path (a C++ object)
+        state.pop("_fast_path", None)
+        return state
 
     def _init_extras(self, compile: bool, activation: str | None) -> None:
         NF._check_activation(activation)
@@ -123,6 +167,7 @@ class GroupNorm(_Extras, nn.Module):
     def reset_parameters(self) -> None:
         self._reset_affine()
 
+    @_fast_forward
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"{type(self).__name__}({self.num_groups}, {self.num_channels}) expects input of shape "
@@ -179,6 +224,7 @@ class LayerNorm(_Extras, nn.Module):
     def reset_parameters(self) -> None:
         self._reset_affine()
 
+    @_fast_forward
     def forward(self, input: Tensor) -> Tensor:
         return NF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                              activation=self.activation, compile=self.compile)
@@ -220,6 +266,8 @@ class RMSNorm(_Extras, nn.Module):
     eps: float | None
     elementwise_affine: bool
 
+    _has_bias = False
+
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, device=None,
                  dtype=None, *, compile: bool = True, activation: str | None = None) -> None:
         super().__init__()
@@ -232,6 +280,7 @@ class RMSNorm(_Extras, nn.Module):
     def reset_parameters(self) -> None:
         self._reset_affine()
 
+    @_fast_forward
     def forward(self, input: Tensor) -> Tensor:
         return NF.rms_norm(input, self.normalized_shape, self.weight, self.eps, activation=self.activation,
                            compile=self.compile)
@@ -286,6 +335,7 @@ class LayerNorm2d(_Extras, nn.Module):
     def reset_parameters(self) -> None:
         self._reset_affine()
 
+    @_fast_forward
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"LayerNorm2d({self.num_channels}) expects input of shape (N, {self.num_channels}, *), "

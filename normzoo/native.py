@@ -66,6 +66,7 @@ class _State:
         self.error: str | None = None  # why the extension cannot be had in this process
         self.asked = False  # whether the builder was handed the job
         self.next_check = 0.0
+        self.results: dict = {}  # the builder's answers by key (normzoo.policy's), for poll()
 
 
 _state = _State()
@@ -92,6 +93,7 @@ def module(submit, results: dict):
     state = _state
     if state.module is not None or state.error is not None:
         return state.module
+    state.results = results
     now = time.monotonic()
     if now < state.next_check:
         return None
@@ -130,6 +132,24 @@ def _fail(why: str) -> None:
     _state.error = why
     store.warn_once("native", f"the C++ autograd node is not available: {why}; training calls take the Python "
                               f"autograd.Function (same kernels, more per-call time). {ENV_NATIVE}=0 silences this.")
+
+
+def fast_path():
+    """A new, empty fast path for a layer (normzoo.layers), or None while the extension is not loaded (looked for
+    again, every POLL_S, once a build was asked for)."""
+    state = _state
+    if state.module is None:
+        if not state.asked or state.error is not None or time.monotonic() < state.next_check:
+            return None
+        if module(lambda job: True, state.results) is None:
+            return None
+    return state.module.FastPath()
+
+
+def invalidate() -> None:
+    """Every fast path forgets what it learned: a kernel left a cache, or compilation was turned off."""
+    if _state.module is not None:
+        _state.module.invalidate()
 
 
 def status() -> str:

@@ -236,3 +236,98 @@ def test_a_new_process_imports_the_extension_without_building(use_store):
     assert proc.returncode == 0, proc.stderr[-2000:]
     status, requested, grad_fn = proc.stdout.split()
     assert (status, requested, grad_fn) == ("loaded", "0", "True"), proc.stdout
+
+
+# ---- the layers' fast path: a signature served before runs the kernels with no Python past the layer ----
+
+
+def _fast(m):
+    fast = m.__dict__.get("_fast_path")
+    return 0 if fast is None else len(fast)
+
+
+@pytest.mark.native
+def test_the_fast_path_serves_repeat_calls_with_the_python_paths_numbers(use_store):
+    m = _group_norm()
+    x = torch.randn(SHAPE, requires_grad=True)
+    dy = torch.randn(SHAPE)
+    _warm(m, x, dy)
+    assert _fast(m) == 1
+    with torch.no_grad():
+        y_fast = m(x)
+        y_python = policy.StoreKernel.forward(next(iter(policy._kernels.values())), (x, m.weight, m.bias, None,
+                                                                                      None, None))[0]
+    assert torch.equal(y_fast, y_python)
+    x.grad = None
+    m(x).backward(dy)
+    fast_grad = x.grad
+    x.grad = None
+    _through_python(m, x).backward(dy)
+    assert torch.equal(fast_grad, x.grad)
+
+
+@pytest.mark.native
+def test_a_changed_setting_or_parameter_dtype_is_never_served_stale(use_store):
+    """eps, activation and the parameters' dtype are not in the signature the C++ side checks for settings: setting
+    any attribute drops the fast path; a dtype is in the signature."""
+    m = _group_norm()
+    x = torch.randn(SHAPE, requires_grad=True)
+    _warm(m, x, torch.randn(SHAPE))
+    m.eps = 0.5
+    assert _fast(m) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), nn.functional.group_norm(x, 4, m.weight, m.bias, 0.5))
+        m.activation = "relu"
+        torch.testing.assert_close(m(x), torch.relu(nn.functional.group_norm(x, 4, m.weight, m.bias, 0.5)))
+        m.activation = None
+        m.eps = 1e-5
+        for _ in range(2):
+            m(x)  # relearned
+        assert _fast(m) == 1
+        m.weight.data = m.weight.data.double()  # not through setattr: the signature check sees it
+        m.bias.data = m.bias.data.double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = m(x)
+        torch.testing.assert_close(y, nn.functional.group_norm(x.double(), 4, m.weight, m.bias).to(y.dtype))
+
+
+@pytest.mark.native
+def test_caches_cleared_modes_and_transforms_take_the_python_path(use_store, monkeypatch):
+    m = _group_norm()
+    x = torch.randn(SHAPE, requires_grad=True)
+    _warm(m, x, torch.randn(SHAPE))
+    policy.clear()  # kernels leave the caches: every fast path forgets
+    assert _fast(m) == 0
+    _warm(m, x, torch.randn(SHAPE))
+    monkeypatch.setenv("NORMZOO_COMPILE", "0")  # the eager engine now: no node, no fast path
+    y = m(x)
+    assert "NormFunction" not in y.grad_fn.name()
+    monkeypatch.setenv("NORMZOO_COMPILE", "1")
+    ref = lambda t: nn.functional.group_norm(t, 4, m.weight, m.bias)  # noqa: E731
+    got = torch.func.vmap(m)(x.detach().unsqueeze(0))[0]
+    torch.testing.assert_close(got, ref(x.detach()))
+    torch.testing.assert_close(torch.func.grad(lambda t: m(t).square().sum())(x.detach()),
+                               torch.func.grad(lambda t: ref(t).square().sum())(x.detach()))
+
+
+@pytest.mark.native
+def test_a_layer_with_a_fast_path_copies_and_pickles_without_it(use_store):
+    import copy
+
+    m = _group_norm()
+    x = torch.randn(SHAPE, requires_grad=True)
+    _warm(m, x, torch.randn(SHAPE))
+    for clone in (copy.deepcopy(m), torch.load(_saved(m), weights_only=False)):
+        assert "_fast_path" not in clone.__dict__
+        with torch.no_grad():
+            assert torch.equal(clone(x), m(x))
+
+
+def _saved(m):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(m, buffer)
+    buffer.seek(0)
+    return buffer

@@ -5,9 +5,13 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <array>
+#include <atomic>
+#include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -20,9 +24,22 @@ using Loader = torch::inductor::AOTIModelPackageLoader;
 // by native.py and never freed, so no Python object is released without the GIL (or after the interpreter ends).
 pybind11::object* create_graph_backward = nullptr;
 
+// Each package loaded once per process, shared by the nodes and fast paths that call it (its runner is thread-safe).
+std::shared_ptr<Loader> load(const std::string& package) {
+  static std::mutex mutex;
+  static std::unordered_map<std::string, std::weak_ptr<Loader>> loaded;
+  std::lock_guard<std::mutex> guard(mutex);
+  auto loader = loaded[package].lock();
+  if (!loader) {
+    loader = std::make_shared<Loader>(package, "model", false, 1, -1);
+    loaded[package] = loader;
+  }
+  return loader;
+}
+
 // One signature's kernels for one set of needed gradients (of x, weight, bias).
 struct Kernels : torch::CustomClassHolder {
-  std::unique_ptr<Loader> forward, backward;
+  std::shared_ptr<Loader> forward, backward;
   std::array<bool, 3> needs{};
   at::MemoryFormat layout = at::MemoryFormat::Contiguous;  // x's, and so dy's in the backward kernel's contract
   int64_t token = 0;  // native.py's name for the spec, for the create_graph backward
@@ -87,8 +104,8 @@ struct Node {
   Node(const std::string& forward, const std::string& backward, std::array<bool, 3> needs, const std::string& layout,
        int64_t token)
       : kernels(c10::make_intrusive<Kernels>()) {
-    kernels->forward = std::make_unique<Loader>(forward, "model", false, 1, -1);
-    kernels->backward = std::make_unique<Loader>(backward, "model", false, 1, -1);
+    kernels->forward = load(forward);
+    kernels->backward = load(backward);
     kernels->needs = needs;
     kernels->token = token;
     if (layout == "channels_last") {
@@ -106,6 +123,114 @@ struct Node {
   }
 };
 
+// Bumped by native.invalidate() whenever a plan of normzoo.policy could lapse (a kernel leaving a cache, the caches
+// cleared, compilation turned off): every fast path then forgets what it learned.
+std::atomic<int64_t> epoch{0};
+
+// What a kernel's choice depends on in a tensor argument: defined, sizes, strides, dtype, device.
+struct Signature {
+  bool defined = false;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype = at::ScalarType::Undefined;
+  at::Device device = at::kCPU;
+
+  explicit Signature(const std::optional<at::Tensor>& t) {
+    if (!t.has_value() || !t->defined()) return;
+    defined = true;
+    sizes = t->sizes().vec();
+    strides = t->strides().vec();
+    dtype = t->scalar_type();
+    device = t->device();
+  }
+
+  bool matches(const std::optional<at::Tensor>& t) const {
+    if (!t.has_value() || !t->defined()) return !defined;
+    return defined && t->scalar_type() == dtype && t->device() == device && t->sizes().equals(sizes) &&
+           t->strides().equals(strides);
+  }
+};
+
+std::string env(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr ? std::string("\x01unset") : std::string(value);
+}
+
+// A layer's calls whose exact signature was served by store kernels before: the forward kernel, and per set of needed
+// gradients the node, called with no Python in between. A miss (returns None) sends the call the Python way, which
+// teaches the fast path what served it (normzoo.policy.run).
+struct FastPath {
+  struct Entry {
+    Signature x, weight, bias;
+    bool inference;
+    std::shared_ptr<Loader> forward;
+    std::array<c10::intrusive_ptr<Kernels>, 8> nodes;  // by needs: x | weight << 1 | bias << 2
+  };
+  static constexpr size_t kMaxEntries = 16;  // signatures kept per layer (batch sizes in turn, say)
+  std::mutex mutex;
+  std::vector<std::shared_ptr<Entry>> entries;
+  int64_t seen_epoch = -1;
+  std::string env_compile, env_dynamic;  // what the entries were learned under
+
+  std::shared_ptr<Entry> find(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, bool inference) {
+    for (const auto& e : entries) {
+      if (e->inference == inference && e->x.matches(x) && e->weight.matches(weight) && e->bias.matches(bias)) return e;
+    }
+    return nullptr;
+  }
+
+  bool current() {  // under the mutex: forget everything learned under another epoch or setting
+    if (seen_epoch == epoch.load() && env_compile == env("NORMZOO_COMPILE") &&
+        env_dynamic == env("NORMZOO_DYNAMIC_BATCH")) {
+      return true;
+    }
+    entries.clear();
+    return false;
+  }
+
+  std::optional<at::Tensor> call(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias) {
+    std::shared_ptr<Entry> e;
+    {
+      std::lock_guard<std::mutex> guard(mutex);
+      if (!current()) return std::nullopt;
+      e = find(x, weight, bias, c10::InferenceMode::is_enabled());
+    }
+    if (!e) return std::nullopt;
+    bool w = weight.has_value() && weight->defined() && weight->requires_grad();
+    bool b = bias.has_value() && bias->defined() && bias->requires_grad();
+    if (at::GradMode::is_enabled() && (x.requires_grad() || w || b)) {
+      const auto& node = e->nodes[(x.requires_grad() ? 1 : 0) | (w ? 2 : 0) | (b ? 4 : 0)];
+      if (!node) return std::nullopt;
+      return NormFunction::apply(x, weight, bias, std::nullopt, std::nullopt, node);
+    }
+    std::vector<at::Tensor> inputs{x};
+    add(inputs, weight);
+    add(inputs, bias);
+    return e->forward->run(inputs)[0];
+  }
+
+  void learn(const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+             const std::string& forward, const std::vector<std::pair<std::array<bool, 3>, Node*>>& nodes) {
+    std::lock_guard<std::mutex> guard(mutex);
+    if (!current()) {
+      seen_epoch = epoch.load();
+      env_compile = env("NORMZOO_COMPILE");
+      env_dynamic = env("NORMZOO_DYNAMIC_BATCH");
+    }
+    bool inference = c10::InferenceMode::is_enabled();
+    auto e = find(x, weight, bias, inference);
+    if (!e) {
+      if (entries.size() >= kMaxEntries) entries.erase(entries.begin());
+      e = std::make_shared<Entry>(Entry{Signature(x), Signature(weight), Signature(bias), inference, load(forward), {}});
+      entries.push_back(e);
+    }
+    for (const auto& [needs, node] : nodes) {
+      e->nodes[(needs[0] ? 1 : 0) | (needs[1] ? 2 : 0) | (needs[2] ? 4 : 0)] = node->kernels;
+    }
+  }
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -113,6 +238,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<const std::string&, const std::string&, std::array<bool, 3>, const std::string&,
                           int64_t>())
       .def("__call__", &Node::call, pybind11::call_guard<pybind11::gil_scoped_release>());
+  pybind11::class_<FastPath>(m, "FastPath")
+      .def(pybind11::init<>())
+      .def("__call__", &FastPath::call, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("learn", &FastPath::learn)
+      .def("__len__", [](FastPath& self) {
+        std::lock_guard<std::mutex> guard(self.mutex);
+        return self.current() ? self.entries.size() : 0;
+      });
+  m.def("invalidate", [] { epoch.fetch_add(1); });
   m.def("set_create_graph_backward", [](pybind11::object f) {
     if (create_graph_backward == nullptr) create_graph_backward = new pybind11::object(std::move(f));
   });
