@@ -340,8 +340,8 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
                 compiling._state.kernels.move_to_end(plan.memory_key)
                 compiling._state.hits += 1
             y = compiling.apply(plan.kernel, args)
-            if learning.fast is not None:
-                _teach(learning.fast, plan.kernel, args)
+            if learning.call is not None:
+                _teach(learning.call, plan.kernel, args)
             return y
     kernel = _kernel_of(spec, args, compile)
     if kernel is None:
@@ -351,23 +351,26 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
             _plans.clear()
         _plans[key] = _Plan(kernel)
     y = compiling.apply(kernel, args)
-    if learning.fast is not None and key is not None:
-        _teach(learning.fast, kernel, args)
+    if learning.call is not None and key is not None:
+        _teach(learning.call, kernel, args)
     return y
 
 
 class _Learning(threading.local):
-    fast = None  # the calling layer's fast path (normzoo.native), while its call takes this Python way
+    call = None  # (the calling layer's fast path, its input), while the layer's call takes this Python way
 
 
 learning = _Learning()
 
 
-def _teach(fast, kernel, args: tuple) -> None:
+def _teach(call: tuple, kernel, args: tuple) -> None:
     """Tell a layer's fast path which store kernels served this call, so that its next call with this signature
     skips the Python between the layer and them. Only what the plan's key fixes: store kernels loaded, arguments
-    in the layouts the kernels take, no running statistics."""
-    if kernel.__class__ is not StoreKernel or not kernel.dense or args[3] is not None or args[4] is not None:
+    in the layouts the kernels take, no running statistics, and the kernel given the layer's own input (the fast
+    path checks the signature of that input, not of something made from it)."""
+    fast, input = call
+    if (args[0] is not input or kernel.__class__ is not StoreKernel or not kernel.dense or args[3] is not None
+            or args[4] is not None):
         return
     forward = kernel.entries.get("forward")
     if forward.__class__ is store.Loaded:
