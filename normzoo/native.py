@@ -1,11 +1,13 @@
-"""The C++ autograd node (normzoo/csrc/node.cpp): a store kernel's forward and backward called with no Python
-between them and autograd.
+"""normzoo's C++ extension (normzoo/csrc/node.cpp): the autograd node and the layers' fast path.
 
-A training call through the Python autograd.Function costs tens of microseconds more than torch.nn's, most of a
-small input's time (the README's small-input study). The node is one C++ extension, compiled once per torch
-version and source into the kernel store by the background builder (normzoo.builder, ~30 s of gcc), and imported
-by later processes in milliseconds. Until it is there, and wherever it is not (NORMZOO_NATIVE=0, a build that
-failed), calls take the Python autograd.Function: the same kernels, the same numbers.
+A training call through the Python autograd.Function costs tens of microseconds more than torch.nn's, and every
+call pays for the Python between a layer and its kernel (the checks, the plan's key): most of a small input's time
+(the README's small-input study). The node ties a store kernel's forward and backward into autograd with no Python
+between them; a layer's fast path (normzoo.layers) runs a signature served before straight from the layer's
+forward. The extension is compiled once per torch version and source into the kernel store by the background
+builder (normzoo.builder, ~30 s of gcc) and imported by later processes in milliseconds. Until it is there, and
+wherever it is not (NORMZOO_NATIVE=0, a build that failed), calls take the Python path: the same kernels, the same
+numbers.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class _State:
         self.error: str | None = None  # why the extension cannot be had in this process
         self.asked = False  # whether the builder was handed the job
         self.next_check = 0.0
-        self.results: dict = {}  # the builder's answers by key (normzoo.policy's), for poll()
+        self.results: dict = {}  # the builder's answers by key (normzoo.policy's), for fast_path()'s looks
 
 
 _state = _State()
