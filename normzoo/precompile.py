@@ -31,8 +31,8 @@ def _outputs_sum(out) -> torch.Tensor:
 
 def jobs_for(model: torch.nn.Module, *example_inputs, grad: bool = True) -> list[dict]:
     """The kernels (builder jobs) a forward, and with grad a backward, of the model on these inputs asks the store
-    for, each once, in the order of first use, and for training the C++ autograd node (normzoo.native) that ties
-    them together. Runs a copy of the model eagerly."""
+    for, each once, in the order of first use, and the C++ extension (normzoo.native: the autograd node and the
+    layers' fast path) that calls them. Runs a copy of the model eagerly."""
     probe = copy.deepcopy(model)
     with policy.forced_background(), policy.recording() as recorded:
         if grad:
@@ -46,7 +46,7 @@ def jobs_for(model: torch.nn.Module, *example_inputs, grad: bool = True) -> list
     unique: dict[str, dict] = {}
     for job in recorded:
         unique.setdefault(job["key"], job)
-    if native.enabled() and any(job["role"] == "backward" for job in recorded):
+    if native.enabled() and recorded:
         unique[native.name()] = {"key": native.name(), "role": "native"}
     return list(unique.values())
 

@@ -1,6 +1,8 @@
-// normzoo's C++ autograd node: a store kernel's forward and backward AOTInductor packages tied into autograd with
-// no Python on the call path (normzoo/native.py builds and loads this file). The Python autograd.Function it stands
-// in for costs tens of microseconds per forward+backward, most of a small input's time.
+// normzoo's C++ extension (normzoo/native.py builds and loads this file). Two things, both to keep Python off a
+// call's path: the autograd node, which ties a store kernel's forward and backward AOTInductor packages into autograd
+// (the Python autograd.Function it stands in for costs tens of microseconds per forward+backward, most of a small
+// input's time), and a layer's fast path, which runs a call whose exact signature store kernels served before
+// straight from the layer's forward (normzoo.layers).
 #include <torch/extension.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
