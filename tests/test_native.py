@@ -331,3 +331,34 @@ def _saved(m):
     torch.save(m, buffer)
     buffer.seek(0)
     return buffer
+
+
+@pytest.mark.native
+def test_batch_sizes_in_turn_other_needs_and_inference_mode(use_store):
+    """Each batch size is its own entry of one fast path (one kernel serves them all); a call needing other
+    gradients than the node's (here weight and bias only) takes the Python way and is right; so is inference
+    mode."""
+    m = _group_norm()
+    _warm(m, torch.randn(SHAPE, requires_grad=True), torch.randn(SHAPE))
+    for n in (2, 5, 3, 2):
+        x = torch.randn(n, *SHAPE[1:], requires_grad=True)
+        dy = torch.randn(x.shape)
+        for _ in range(3):  # the first call of a size teaches, the later ones are served
+            x.grad = None
+            m(x).backward(dy)
+        (expected,) = torch.autograd.grad(nn.functional.group_norm(x, 4, m.weight, m.bias), x, dy)
+        torch.testing.assert_close(x.grad, expected)
+    assert _fast(m) == 3
+    x = torch.randn(SHAPE)  # no gradient for x: the weight's and the bias's only
+    m.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m(x).square().sum().backward()
+    w, b = m.weight.detach().requires_grad_(), m.bias.detach().requires_grad_()
+    nn.functional.group_norm(x, 4, w, b).square().sum().backward()
+    torch.testing.assert_close(m.weight.grad, w.grad)
+    torch.testing.assert_close(m.bias.grad, b.grad)
+    with torch.inference_mode():
+        for _ in range(3):
+            y = m(x)
+        torch.testing.assert_close(y, nn.functional.group_norm(x, 4, m.weight, m.bias))
