@@ -120,6 +120,10 @@ class _Background:
             with _lock:
                 self.results[result["key"]] = result
                 self.pending.discard(result["key"])
+            if result["status"] in ("built", "stored") and native.enabled():
+                # the C++ extension next, behind the kernels asked for so far, so that it is in the store when
+                # this process stops calling (a later process would build it beside its own steps)
+                native.module(self.submit, self.results)
         with _lock:  # the process ended: what it had not answered is lost
             for key in list(self.pending):
                 self.results.setdefault(key, {"key": key, "status": "failed", "error": "the builder process ended"})
