@@ -124,7 +124,11 @@ def _import(file: Path):
         loader.exec_module(mod)
         sys.modules[name()] = mod
     except Exception as err:  # noqa: BLE001 - a broken entry: the Python path serves, and says why once
-        _fail(f"{file} does not import ({type(err).__name__}: {err})")
+        _fail(f"{file} does not import ({type(err).__name__}: {err}); it is removed, so a later process rebuilds it")
+        try:
+            file.unlink()
+        except OSError:
+            pass
         return None
     mod.set_create_graph_backward(_create_graph_backward)
     return mod

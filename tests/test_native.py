@@ -56,7 +56,7 @@ def test_a_failed_build_and_a_broken_entry_are_reported_not_imported(fresh_nativ
         pytest.skip("the extension is already imported in this process")
     with pytest.warns(RuntimeWarning, match="does not import"):
         assert native.module(asked.append, {}) is None
-    assert len(asked) == 1
+    assert len(asked) == 1 and not native.path().exists()  # removed: the next process builds it again
 
 
 def test_native_off_is_reported_and_calls_keep_the_python_function(monkeypatch):
