@@ -155,7 +155,7 @@ def build_once(job: dict, root: Path | None = None) -> str:
 
 def build_native_once(root: Path | None = None) -> str:
     """The same for the C++ autograd node (normzoo.native)."""
-    return _once(native.name(), root, lambda r: native.path(r).exists(), native.build)
+    return _once(native.name(), root, lambda r: native.lookup(r) is not None, native.build)
 
 
 def build_job_once(job: dict, root: Path | None = None) -> str:

@@ -44,13 +44,20 @@ def name() -> str:
     return f"normzoo_node_{h.hexdigest()[:16]}"
 
 
-def path(root: Path | None = None) -> Path:
-    return (store.kernel_dir() if root is None else root) / f"{name()}.so"
+def fields() -> dict:
+    """The extension's entry in the kernel store (normzoo.store: manifest with its sha256, written atomically,
+    checked before every import; a truncated or foreign file is removed, never loaded: dlopen of a truncated
+    library crashes the process)."""
+    return {"format": store.FORMAT, "native": name(), "torch": torch.__version__}
+
+
+def lookup(root: Path | None = None) -> Path | None:
+    """The extension's file in the store when its entry is whole, else None."""
+    return store.lookup(name(), fields(), root)
 
 
 def build(root: Path) -> Path:
-    """Compile the extension into `root` (the store), whole or not at all: built in a temporary directory there,
-    then renamed into place."""
+    """Compile the extension in a temporary directory and commit it to the store (`root`)."""
     import tempfile
 
     from torch.utils import cpp_extension
@@ -58,8 +65,7 @@ def build(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".native-") as tmp:
         cpp_extension.load(name(), [str(SOURCE)], build_directory=tmp, extra_cflags=["-O2"], verbose=False)
-        os.replace(Path(tmp) / f"{name()}.so", path(root))
-    return path(root)
+        return store.commit(name(), fields(), Path(tmp) / f"{name()}.so", root)
 
 
 class _State:
@@ -101,8 +107,9 @@ def module(submit, results: dict):
         return None
     with _lock:
         state.next_check = now + POLL_S
-        if path().exists():
-            state.module = _import(path())
+        file = lookup()
+        if file is not None:
+            state.module = _import(file)
             return state.module
         result = results.get(name())
         if result is not None and result["status"] == "failed":
@@ -125,10 +132,7 @@ def _import(file: Path):
         sys.modules[name()] = mod
     except Exception as err:  # noqa: BLE001 - a broken entry: the Python path serves, and says why once
         _fail(f"{file} does not import ({type(err).__name__}: {err}); it is removed, so a later process rebuilds it")
-        try:
-            file.unlink()
-        except OSError:
-            pass
+        store.discard(name())
         return None
     mod.set_create_graph_backward(_create_graph_backward)
     return mod

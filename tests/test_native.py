@@ -51,12 +51,25 @@ def test_a_failed_build_and_a_broken_entry_are_reported_not_imported(fresh_nativ
 
     monkeypatch.setattr(native, "_state", native._State())
     monkeypatch.setattr(store, "_warned", set())
-    native.path().write_bytes(b"not a shared library")
     if native.name() in sys.modules:
         pytest.skip("the extension is already imported in this process")
+    garbage = tmp_path / "garbage.so"
+    garbage.write_bytes(b"not a shared library")
+    store.commit(native.name(), native.fields(), garbage)  # a whole entry whose file does not import
     with pytest.warns(RuntimeWarning, match="does not import"):
         assert native.module(asked.append, {}) is None
-    assert len(asked) == 1 and not native.path().exists()  # removed: the next process builds it again
+    assert native.lookup() is None and not store.paths(native.name())[0].exists()  # removed: rebuilt later
+
+    # a truncated file (dlopen of one can crash the process): its sha256 fails, it is removed before any import,
+    # and the builder is asked for a new one
+    monkeypatch.setattr(native, "_state", native._State())
+    store.commit(native.name(), native.fields(), garbage)
+    package = store.paths(native.name())[0]
+    package.write_bytes(package.read_bytes()[:5])
+    with pytest.warns(RuntimeWarning, match="invalid"):
+        assert native.module(lambda job: asked.append(job) or True, {}) is None
+    assert not package.exists() and asked[-1] == {"key": native.name(), "role": "native"}
+    assert native.status() == "building"
 
 
 def test_native_off_is_reported_and_calls_keep_the_python_function(monkeypatch):
