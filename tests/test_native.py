@@ -149,12 +149,18 @@ def _warm(layer, x, dy):
     return y
 
 
-@pytest.mark.native
-def test_the_node_gives_the_python_functions_numbers_bit_for_bit(use_store):
+def _warmed_group_norm():
+    """The suite's GroupNorm, an input needing a gradient and a dy, after the calls that bring the node in; and the
+    node's output for them."""
     m = _group_norm()
     x = torch.randn(SHAPE, requires_grad=True)
     dy = torch.randn(SHAPE)
-    _warm(m, x, dy)
+    return m, x, dy, _warm(m, x, dy)
+
+
+@pytest.mark.native
+def test_the_node_gives_the_python_functions_numbers_bit_for_bit(use_store):
+    m, x, dy, _ = _warmed_group_norm()
     grads = []
     for call in (m, lambda t: _through_python(m, t)):
         x.grad = None
@@ -194,10 +200,7 @@ def test_a_dy_in_another_layout_and_a_partial_set_of_needs(use_store):
 
 @pytest.mark.native
 def test_double_backward_through_the_node(use_store):
-    m = _group_norm()
-    x = torch.randn(SHAPE, requires_grad=True)
-    dy = torch.randn(SHAPE)
-    y = _warm(m, x, dy)
+    m, x, dy, y = _warmed_group_norm()
     results = []
     for out in (y, _through_python(m, x)):
         (dx,) = torch.autograd.grad(out, x, dy, create_graph=True)
@@ -214,10 +217,7 @@ def test_double_backward_through_the_node(use_store):
 
 @pytest.mark.native
 def test_threads_share_the_node(use_store):
-    m = _group_norm()
-    x = torch.randn(SHAPE, requires_grad=True)
-    dy = torch.randn(SHAPE)
-    _warm(m, x, dy)
+    m, x, dy, _ = _warmed_group_norm()
     (expected,) = torch.autograd.grad(m(x), x, dy)
     got, errors = [], []
 
@@ -261,10 +261,7 @@ def _fast(m):
 
 @pytest.mark.native
 def test_the_fast_path_serves_repeat_calls_with_the_python_paths_numbers(use_store):
-    m = _group_norm()
-    x = torch.randn(SHAPE, requires_grad=True)
-    dy = torch.randn(SHAPE)
-    _warm(m, x, dy)
+    m, x, dy, _ = _warmed_group_norm()
     assert _fast(m) == 1
     with torch.no_grad():
         y_fast = m(x)
@@ -283,9 +280,7 @@ def test_the_fast_path_serves_repeat_calls_with_the_python_paths_numbers(use_sto
 def test_a_changed_setting_or_parameter_dtype_is_never_served_stale(use_store):
     """eps, activation and the parameters' dtype are not in the signature the C++ side checks for settings: setting
     any attribute drops the fast path; a dtype is in the signature."""
-    m = _group_norm()
-    x = torch.randn(SHAPE, requires_grad=True)
-    _warm(m, x, torch.randn(SHAPE))
+    m, x, _, _ = _warmed_group_norm()
     m.eps = 0.5
     assert _fast(m) == 0
     with torch.no_grad():
@@ -307,9 +302,7 @@ def test_a_changed_setting_or_parameter_dtype_is_never_served_stale(use_store):
 
 @pytest.mark.native
 def test_caches_cleared_modes_and_transforms_take_the_python_path(use_store, monkeypatch):
-    m = _group_norm()
-    x = torch.randn(SHAPE, requires_grad=True)
-    _warm(m, x, torch.randn(SHAPE))
+    m, x, _, _ = _warmed_group_norm()
     policy.clear()  # kernels leave the caches: every fast path forgets
     assert _fast(m) == 0
     _warm(m, x, torch.randn(SHAPE))
@@ -328,9 +321,7 @@ def test_caches_cleared_modes_and_transforms_take_the_python_path(use_store, mon
 def test_a_layer_with_a_fast_path_copies_and_pickles_without_it(use_store):
     import copy
 
-    m = _group_norm()
-    x = torch.randn(SHAPE, requires_grad=True)
-    _warm(m, x, torch.randn(SHAPE))
+    m, x, _, _ = _warmed_group_norm()
     for clone in (copy.deepcopy(m), torch.load(_saved(m), weights_only=False)):
         assert "_fast_path" not in clone.__dict__
         with torch.no_grad():
