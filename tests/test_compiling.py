@@ -409,3 +409,33 @@ def test_contiguous_group_norm_forward_reads_x_in_one_parallel_loop(groups, affi
     oracle = nn.functional.group_norm(x.double(), groups, w64, b64, 1e-5)
     oracle = nn.functional.silu(oracle) if affine else oracle
     assert (y.double() - oracle).abs().max().item() < 1e-5
+
+
+def test_layer_norm_backward_reads_each_row_in_one_parallel_loop(no_graph_caches):
+    """The row sums of a layer norm's backward and its dx share one loop over the rows (engine.ONE_ROW_PASS_MAX):
+    x and dy are read there once, not once for the sums and again for dx. And the gradients are the norm's: against
+    the eager engine and the float64 oracle."""
+    from torch._inductor.utils import run_and_get_code
+
+    from normzoo import engine
+
+    torch.manual_seed(0)
+    n = 768  # longer than sum_dim's one-level rows (512): the case the one-level sums are there for
+    x = torch.randn(2, 64, n) * 3 + 100
+    weight, bias, dy = torch.randn(n), torch.randn(n), torch.randn(2, 64, n)
+    spec = engine.NormSpec(groups=None, eps=1e-5, dims=(-1,))
+    with torch.no_grad():
+        stats = engine.statistics(spec, x)
+    needs = (True, True, True)
+    fn = torch.compile(lambda *t: engine.backward(spec, needs, *t), dynamic=False, fullgraph=True)
+    grads, codes = run_and_get_code(fn, x, weight, bias, *stats, dy)
+    kernel = next(code for code in codes if "#pragma omp for" in code)
+    rows = f"x0<static_cast<int64_t>({x.numel() // n}L);"  # a parallel loop over the 128 rows
+    loops_over_rows = [part for part in kernel.split("#pragma omp for")[1:] if rows in part.split("\n", 2)[1]]
+    assert len(loops_over_rows) == 1, kernel
+    for got, want in zip(grads, engine.backward(spec, needs, x, weight, bias, *stats, dy)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, weight, bias))
+    oracle = torch.autograd.grad(nn.functional.layer_norm(x64, (n,), w64, b64, 1e-5), (x64, w64, b64), dy.double())
+    for got, want in zip(grads, oracle):
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6
