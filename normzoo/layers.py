@@ -45,10 +45,17 @@ def _fast_forward(forward):
                 fast = native.fast_path()
                 if fast is not None:
                     self.__dict__["_fast_path"] = fast
+                    self.__dict__["_plain_affine"] = _plain_affine(type(self))
         if (fast is None or input.__class__ is not Tensor or torch._C._functorch.maybe_current_level() is not None
                 or policy._recording is not None):
             return forward(self, input)
-        y = fast(input, self.weight, self.bias if self._has_bias else None)
+        params = self._parameters
+        if self.__dict__.get("_plain_affine") and "weight" in params and (not self._has_bias or "bias" in params):
+            # nn.Module.__getattr__ takes ~0.6 us an attribute (a tenth of a small input's call); where no class
+            # attribute (a parametrization's property) could answer first, _parameters holds what it would return
+            y = fast(input, params["weight"], params["bias"] if self._has_bias else None)
+        else:
+            y = fast(input, self.weight, self.bias if self._has_bias else None)
         if y is not None:
             return y
         policy.learning.call = (fast, input)
@@ -58,6 +65,13 @@ def _fast_forward(forward):
             policy.learning.call = None
 
     return fast_forward
+
+
+def _plain_affine(cls) -> bool:
+    """Whether no class in cls's MRO defines weight or bias (as torch.nn.utils.parametrize's property does), so
+    that self.weight and self.bias are what nn.Module.__getattr__ finds in _parameters. A class change (how a
+    parametrization is added) goes through __setattr__, which drops the fast path and this answer with it."""
+    return not any(name in c.__dict__ for c in cls.__mro__ for name in ("weight", "bias"))
 
 
 class _Extras:
@@ -70,11 +84,13 @@ class _Extras:
     def __setattr__(self, name: str, value) -> None:
         # any setting, parameter or mode may change the kernel a call takes: the fast path relearns
         self.__dict__.pop("_fast_path", None)
+        self.__dict__.pop("_plain_affine", None)
         super().__setattr__(name, value)
 
     def __getstate__(self):
         state = super().__getstate__()  # a copy, pickled or deep-copied without the fast path (a C++ object)
         state.pop("_fast_path", None)
+        state.pop("_plain_affine", None)
         return state
 
     def _init_extras(self, compile: bool, activation: str | None) -> None:

@@ -301,6 +301,37 @@ def test_a_changed_setting_or_parameter_dtype_is_never_served_stale(use_store):
 
 
 @pytest.mark.native
+def test_the_fast_path_reads_the_parameters_the_layer_would(use_store):
+    """The fast path reads weight and bias from _parameters, past nn.Module.__getattr__: a parametrization's
+    property, and a parameter swapped in _parameters itself (as Module.to may), are still what a call uses."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    m, x, _, _ = _warmed_group_norm()
+    with torch.no_grad():
+        m._parameters["bias"] = nn.Parameter(m.bias + 1.0)  # not through setattr: the fast path stays
+        assert _fast(m) == 1
+        torch.testing.assert_close(m(x), nn.functional.group_norm(x, 4, m.weight, m.bias))
+        parametrize.register_parametrization(m, "weight", Double())
+        assert "weight" not in m._parameters
+        for _ in range(3):  # relearned on the parametrized class
+            torch.testing.assert_close(m(x), nn.functional.group_norm(x, 4, 2 * m.parametrizations.weight.original,
+                                                                      m.bias))
+    m, x, _, _ = _warmed_group_norm()
+
+    class Halved(type(m)):  # a class attribute answers before nn.Module.__getattr__ would
+        weight = property(lambda self: self._parameters["weight"] / 2)
+
+    m.__class__ = Halved
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(m(x), nn.functional.group_norm(x, 4, m._parameters["weight"] / 2, m.bias))
+
+
+@pytest.mark.native
 def test_caches_cleared_modes_and_transforms_take_the_python_path(use_store, monkeypatch):
     m, x, _, _ = _warmed_group_norm()
     policy.clear()  # kernels leave the caches: every fast path forgets
