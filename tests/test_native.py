@@ -145,7 +145,7 @@ def _warm(layer, x, dy):
         layer(x).backward(dy)
     assert native.status() == "loaded", policy.info()
     y = layer(x)
-    assert "NormFunction" in y.grad_fn.name(), y.grad_fn.name()  # the C++ node's, not _CompiledNormBackward
+    assert "NativeNormBackward" in y.grad_fn.name(), y.grad_fn.name()  # the C++ node's, not _CompiledNormBackward
     return y
 
 
@@ -216,6 +216,49 @@ def test_double_backward_through_the_node(use_store):
 
 
 @pytest.mark.native
+def test_the_node_keeps_autograds_safety_checks(use_store):
+    """What torch.nn's nodes refuse, the node refuses: a saved tensor changed in place before the backward (the input,
+    or the weight by an optimizer step), a second backward through a freed graph; a retained graph gives the same
+    gradients twice, saved_tensors_hooks see what it saves, and forward-mode AD (which it has no rule for) goes
+    around it."""
+    m, x, dy, y = _warmed_group_norm()
+    assert y.grad_fn.name() == "NativeNormBackward"
+    h = x.detach().clone().requires_grad_()
+    x1 = h * 1.0  # a non-leaf input, so it can be changed in place
+    y = m(x1)
+    assert y.grad_fn.name() == "NativeNormBackward"
+    x1.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+    y = m(x)
+    assert y.grad_fn.name() == "NativeNormBackward"
+    with torch.no_grad():
+        m.weight.add_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+    y = m(x)
+    first = torch.autograd.grad(y, (x, m.weight), dy, retain_graph=True)
+    second = torch.autograd.grad(y, (x, m.weight), dy)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(y, x, dy)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        y = m(x)
+    assert y.grad_fn.name() == "NativeNormBackward" and tuple(SHAPE) in [tuple(s) for s in packed]
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert torch.equal(dx, first[0])
+    import torch.autograd.forward_ad as fwAD
+    v = torch.randn(SHAPE)
+    with fwAD.dual_level():
+        got = m(fwAD.make_dual(x, v))
+        want = nn.functional.group_norm(fwAD.make_dual(x, v), 4, m.weight, m.bias)
+        assert got.grad_fn.name() != "NativeNormBackward"
+        torch.testing.assert_close(fwAD.unpack_dual(got).tangent, fwAD.unpack_dual(want).tangent)
+    assert m(x).grad_fn.name() == "NativeNormBackward"  # and the next call is the node's again
+
+
+@pytest.mark.native
 def test_threads_share_the_node(use_store):
     m, x, dy, _ = _warmed_group_norm()
     (expected,) = torch.autograd.grad(m(x), x, dy)
@@ -243,7 +286,7 @@ def test_a_new_process_imports_the_extension_without_building(use_store):
     code = ("import torch, normzoo; from normzoo import native, policy\n"
             "m = normzoo.GroupNorm(4, 8); x = torch.randn(3, 8, 5, 6, requires_grad=True)\n"
             "for _ in range(3): m(x).sum().backward()\n"
-            "print(native.status(), policy.info()['store_requested'], 'NormFunction' in m(x).grad_fn.name())")
+            "print(native.status(), policy.info()['store_requested'], 'NativeNormBackward' in m(x).grad_fn.name())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, NORMZOO_NATIVE="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -339,7 +382,7 @@ def test_caches_cleared_modes_and_transforms_take_the_python_path(use_store, mon
     _warm(m, x, torch.randn(SHAPE))
     monkeypatch.setenv("NORMZOO_COMPILE", "0")  # the eager engine now: no node, no fast path
     y = m(x)
-    assert "NormFunction" not in y.grad_fn.name()
+    assert "NativeNormBackward" not in y.grad_fn.name()
     monkeypatch.setenv("NORMZOO_COMPILE", "1")
     ref = lambda t: nn.functional.group_norm(t, 4, m.weight, m.bias)  # noqa: E731
     got = torch.func.vmap(m)(x.detach().unsqueeze(0))[0]

@@ -5,6 +5,8 @@
 // straight from the layer's forward (normzoo.layers).
 #include <torch/extension.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <ATen/FuncTorchTLS.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
 #include <array>
 #include <atomic>
@@ -18,7 +20,6 @@
 
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
 using Loader = torch::inductor::AOTIModelPackageLoader;
 
@@ -55,49 +56,92 @@ std::optional<at::Tensor> maybe(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-struct NormFunction : torch::autograd::Function<NormFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-                            const std::optional<at::Tensor>& running_var, c10::intrusive_ptr<Kernels> kernels) {
-    std::vector<at::Tensor> inputs{x};
-    for (const auto* t : {&weight, &bias, &running_mean, &running_var}) add(inputs, *t);
-    auto out = kernels->forward->run(inputs);  // y, shift, mean_d, rstd
-    TORCH_CHECK(out.size() == 4, "normzoo native node: a forward kernel returned ", out.size(), " tensors, not 4");
-    ctx->save_for_backward({x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), out[1], out[2], out[3]});
-    ctx->saved_data["kernels"] = at::IValue::make_capsule(kernels);
-    return out[0];
+// The backward node, written as ATen's generated ones are (a torch::autograd::Function's CppNode costs ~5 us more
+// per forward+backward: its VariableInfo records, output wrapping and saved_data map; the README's small-input study).
+struct NativeNormBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable x, weight, bias, shift, mean_d, rstd;
+  c10::intrusive_ptr<Kernels> kernels;
+
+  std::string name() const override { return "NativeNormBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> guard(mutex_);
+    for (auto* v : {&x, &weight, &bias, &shift, &mean_d, &rstd}) v->reset_data();
   }
 
-  static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
-    auto saved = ctx->get_saved_variables();  // x, weight, bias, shift, mean_d, rstd
-    auto kernels = c10::static_intrusive_pointer_cast<Kernels>(ctx->saved_data["kernels"].toCapsule());
+  tensor_list apply(tensor_list&& grad_outputs) override {
+    std::lock_guard<std::mutex> guard(mutex_);
+    // unpack() raises torch's own error for a second backward through a freed graph, or for a saved tensor changed
+    // in place since the forward (an optimizer step on the weight, say)
+    std::array<at::Tensor, 6> saved{x.unpack(), weight.unpack(), bias.unpack(),
+                                    shift.unpack(), mean_d.unpack(), rstd.unpack()};
     const auto& needs = kernels->needs;
-    std::array<at::Tensor, 3> grads;
+    tensor_list grads(3);
+    const auto& dy = grad_outputs[0];
+    if (!dy.defined()) return grads;  // no gradient flowed into y: none flows out
     if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients, from the engine in Python
       pybind11::gil_scoped_acquire gil;
       auto result = (*create_graph_backward)(
           kernels->token, pybind11::make_tuple(needs[0], needs[1], needs[2]), saved[0], maybe(saved[1]),
-          maybe(saved[2]), maybe(saved[3]), maybe(saved[4]), maybe(saved[5]), grad_outputs[0]);
+          maybe(saved[2]), maybe(saved[3]), maybe(saved[4]), maybe(saved[5]), dy);
       auto tuple = result.cast<pybind11::tuple>();
       for (size_t i = 0; i < 3; ++i) {
         auto g = tuple[i].cast<std::optional<at::Tensor>>();
         if (g.has_value()) grads[i] = *g;
       }
-    } else {
-      std::vector<at::Tensor> inputs;
-      for (const auto& t : saved) add(inputs, t);
-      inputs.push_back(grad_outputs[0].contiguous(kernels->layout));  // sum().backward()'s expanded ones, say
-      auto out = kernels->backward->run(inputs);  // the needed gradients, in order
-      size_t next = 0;
-      for (size_t i = 0; i < 3; ++i) {
-        if (!needs[i]) continue;
-        TORCH_CHECK(next < out.size(), "normzoo native node: a backward kernel returned too few gradients");
-        grads[i] = out[next++];
-      }
+      return grads;
     }
-    return {grads[0], grads[1], grads[2], at::Tensor(), at::Tensor(), at::Tensor()};
+    std::vector<at::Tensor> inputs;
+    for (const auto& t : saved) add(inputs, t);
+    inputs.push_back(dy.contiguous(kernels->layout));  // sum().backward()'s expanded ones, say
+    auto out = kernels->backward->run(inputs);  // the needed gradients, in order
+    size_t next = 0;
+    for (size_t i = 0; i < 3; ++i) {
+      if (!needs[i]) continue;
+      TORCH_CHECK(next < out.size(), "normzoo native node: a backward kernel returned too few gradients");
+      grads[i] = out[next++];
+    }
+    return grads;
   }
 };
+
+bool has_tangent(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() && t->_fw_grad(/*level=*/0).defined();
+}
+
+// y for a call that needs gradients: the forward kernel, and the node that will run the backward kernel.
+at::Tensor apply_node(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                      const std::optional<at::Tensor>& running_var, const c10::intrusive_ptr<Kernels>& kernels) {
+  if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
+    functorch->checkSupportsCppAutogradFunction();  // normzoo.layers keeps torch.func calls off this path
+  }
+  TORCH_CHECK(!(has_tangent(x) || has_tangent(weight) || has_tangent(bias)),  // the node has no forward derivative
+              "normzoo native node: an input carries a forward-mode AD tangent (normzoo.compiling.plain_ops_only "
+              "sends such calls to the engine's differentiable ops)");
+  std::vector<at::Tensor> inputs{x};
+  for (const auto* t : {&weight, &bias, &running_mean, &running_var}) add(inputs, *t);
+  std::vector<at::Tensor> out;
+  {
+    at::AutoGradMode no_grad(false);
+    out = kernels->forward->run(inputs);  // y, shift, mean_d, rstd
+  }
+  TORCH_CHECK(out.size() == 4, "normzoo native node: a forward kernel returned ", out.size(), " tensors, not 4");
+  const at::Tensor& w = weight.has_value() ? *weight : at::Tensor();
+  const at::Tensor& b = bias.has_value() ? *bias : at::Tensor();
+  if (!torch::autograd::compute_requires_grad(x, w, b)) return out[0];
+  auto node = c10::make_intrusive<NativeNormBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, w, b));
+  node->x = torch::autograd::SavedVariable(x, false);
+  node->weight = torch::autograd::SavedVariable(w, false);
+  node->bias = torch::autograd::SavedVariable(b, false);
+  node->shift = torch::autograd::SavedVariable(out[1], false);
+  node->mean_d = torch::autograd::SavedVariable(out[2], false);
+  node->rstd = torch::autograd::SavedVariable(out[3], false);
+  node->kernels = kernels;
+  torch::autograd::set_history(out[0], node);
+  return out[0];
+}
 
 // What Python holds: the kernels, called as node(x, weight, bias, running_mean, running_var) -> y.
 struct Node {
@@ -121,7 +165,7 @@ struct Node {
 
   at::Tensor call(const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var) {
-    return NormFunction::apply(x, weight, bias, running_mean, running_var, kernels);
+    return apply_node(x, weight, bias, running_mean, running_var, kernels);
   }
 };
 
@@ -204,7 +248,7 @@ struct FastPath {
     if (at::GradMode::is_enabled() && (x.requires_grad() || w || b)) {
       const auto& node = e->nodes[(x.requires_grad() ? 1 : 0) | (w ? 2 : 0) | (b ? 4 : 0)];
       if (!node) return std::nullopt;
-      return NormFunction::apply(x, weight, bias, std::nullopt, std::nullopt, node);
+      return apply_node(x, weight, bias, std::nullopt, std::nullopt, node);
     }
     std::vector<at::Tensor> inputs{x};
     add(inputs, weight);
