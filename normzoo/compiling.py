@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import engine, native
 
@@ -379,11 +380,19 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
     return apply(kernel, args)
 
 
+def plain_ops_only() -> bool:
+    """True where no custom autograd.Function can serve a call: inside a torch.func transform, or while a dual level
+    of forward-mode AD (torch.autograd.forward_ad) is open, whose tangents only differentiable ops carry."""
+    return engine.under_functorch() or forward_ad._current_level >= 0
+
+
 def inline(spec: engine.NormSpec, args: tuple) -> Tensor:
     """A call no kernel serves: traced inline inside a user's torch.compile or torch.export, else the eager engine."""
     if torch.compiler.is_compiling():
         # inside a user's torch.compile: trace the engine inline as plain differentiable ops (no autograd.Function,
         # which would keep AOTAutograd from caching the user's graph); their backward is derived in that graph
+        return engine.reference_forward(spec, *args)
+    if forward_ad._current_level >= 0:  # the engine's autograd.Function has no forward derivative
         return engine.reference_forward(spec, *args)
     return engine.forward(spec, *args)
 
@@ -398,7 +407,7 @@ def kernel_of(spec: engine.NormSpec, args: tuple, compile: bool = True) -> "_Ker
         or not compile_enabled()
         or x.numel() == 0  # nothing to compute; not worth a kernel
         or torch.jit.is_scripting()
-        or engine.under_functorch()  # torch.func: the engine's plain differentiable ops
+        or plain_ops_only()  # torch.func, forward-mode AD: the engine's plain differentiable ops
     ):
         return None
     dims = batch_dims(spec, x) if dynamic_batch_enabled() else ()

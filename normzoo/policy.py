@@ -35,6 +35,7 @@ from collections import OrderedDict
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import builder, compiling, engine, graph_ops, native, store
 
@@ -328,8 +329,8 @@ def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, run
             return graph_ops.call(spec, args)
         return compiling.inline(spec, args)
     key = None
-    # not under torch.func (engine.under_functorch, with is_compiling already known False)
-    if _recording is None and torch._C._functorch.maybe_current_level() is None:
+    # not under torch.func or forward-mode AD (compiling.plain_ops_only, with is_compiling already known False)
+    if _recording is None and torch._C._functorch.maybe_current_level() is None and forward_ad._current_level < 0:
         # written out, not by _sig: on a small input every 100 ns of this shows
         key = (spec, compile, _raw_env(ENV_COMPILE), _raw_env(_ENV_DYNAMIC_BATCH), torch.is_inference_mode_enabled(),
                x.shape, x.stride(), x.dtype, x.device,
@@ -409,7 +410,7 @@ def _kernel_of(spec: engine.NormSpec, args: tuple, compile: bool):
         return None
     if which != "background" or torch.compiler.is_compiling() or not _store_takes(spec, args):
         return compiling.kernel_of(spec, args, compile and which != "off")
-    if (x.numel() == 0 or torch.jit.is_scripting() or engine.under_functorch()
+    if (x.numel() == 0 or torch.jit.is_scripting() or compiling.plain_ops_only()
             or not compiling.compile_enabled()):
         return None
     dims = compiling.batch_dims(spec, x)

@@ -74,6 +74,24 @@ def test_torch_func_matches_torch(fn, name):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_forward_mode_ad_matches_torch(name):
+    """torch.autograd.forward_ad: tangents of x, weight and bias at once, through the engine's differentiable ops
+    whether or not the call would take compiled kernels (no custom autograd.Function has a forward derivative)."""
+    import torch.autograd.forward_ad as fwAD
+
+    f, ref, shape = FAMILIES[name]
+    primals = [t.detach() for t in _inputs(shape)]
+    tangents = [torch.randn_like(t) for t in primals]
+    results = []
+    for fn in (lambda x, w, b: f(x, w, b, False), lambda x, w, b: f(x, w, b, True), ref):
+        with fwAD.dual_level():
+            out = fwAD.unpack_dual(fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents))))
+            results.append((out.primal, out.tangent))
+    for got in results[:2]:
+        torch.testing.assert_close(got, results[2], rtol=1e-9, atol=1e-9)
+
+
 def test_first_derivative_after_double_backward_setup_is_unchanged():
     """create_graph=False keeps the compiled backward kernel; its answer matches the differentiable route's."""
     f, _, shape = FAMILIES["group_norm"]
