@@ -118,23 +118,43 @@ BLOCK = 16  # rows (or positions) per first-level block of a blocked sum where I
 def _block_sums(t: Tensor, dim: int, blocks: int) -> Tensor:
     """t summed over `dim` (dropped), in float64: padded with zeros to `blocks` blocks of BLOCK along dim (the
     padding adds nothing), each block summed in t's dtype, then the blocks in float64. The dims after `dim` are
-    innermost in memory: Inductor loops a reduction innermost, so the walk down `dim` stays within a block."""
+    innermost in memory: Inductor loops a reduction innermost, so the walk down `dim` stays within a block.
+    For a symbolic size along `dim`; a static one takes `_static_block_sums`, without the padding's masks."""
     n = t.shape[dim]
     t = F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [0, blocks * BLOCK - n])
     t = t.reshape(tuple(t.shape[:dim]) + (blocks, BLOCK) + tuple(t.shape[dim + 1:])).sum(dim + 1)
     return t.to(STATS_DTYPE).sum(dim)
 
 
-def _column_sums(t: Tensor, innermost: bool) -> Tensor:
+def _static_block_sums(t: Tensor) -> Tensor:
+    """t (N, S, n), S static and n innermost in memory, summed over S (dropped), in float64: the S // BLOCK whole
+    blocks summed in t's dtype, then in float64, plus the last S % BLOCK positions. Slices of static sizes, where
+    padding would make Inductor mask every load of the block loop (a scalar test and a masked load per vector).
+    Measured on an AMD EPYC Zen 5, 1 thread, the two column sums of a 96-wide LayerNorm backward on 25088 rows
+    compiled alone: 0.555 ms padded to 1570 blocks, 0.266 ms in the 1568 whole blocks (reading x + dy: 0.38 ms). On
+    an AVX-512 Xeon (1 thread, scripts/bench_passes.py, alternated processes) that whole backward went from 2.47-2.62
+    to 2.29-2.30 ms (ATen's 1.18-1.44 ms)."""
+    S = t.shape[1]
+    whole = S - S % BLOCK
+    sums = t.narrow(1, 0, whole).unflatten(1, (whole // BLOCK, BLOCK)).sum(2).to(STATS_DTYPE).sum(1)
+    if whole < S:
+        sums = sums + t.narrow(1, whole, S - whole).sum(1).to(STATS_DTYPE)
+    return sums
+
+
+def _column_sums(t: Tensor, innermost: bool, per_sample: int | None = None) -> Tensor:
     """t (rows, n) summed over its rows, in float64. The row count is a batch size (symbolic in compiled kernels),
     so no chunking may depend on it. Where Inductor compiles and the columns are innermost in memory, the rows are
-    summed in blocks (`_block_sums`).
+    summed in blocks: within each sample's `per_sample` rows where that count is static (`_static_block_sums`: a
+    LayerNorm2d's positions), else over all rows padded (`_block_sums`).
     Why: Inductor loops a column sum column-first, each vector of columns down every row (a 3 KB stride on a
     768-wide LayerNorm); blocks keep that walk within 16 rows. Measured on an AVX-512 Xeon, 2 threads, the
     backward of LayerNorm(768) on 8x197x768: its column pass 0.49 ms plain, 0.27 ms blocked, the whole backward 0.93
     to 0.72 ms (ATen's 0.67 ms); float64 inside the blocks was no faster than plain. Error of dweight against the
     float64 oracle (relative to its largest value): 7.9e-8 plain, 1.1e-7 blocked, 9.1e-7 for torch.nn's."""
     if torch.compiler.is_compiling() and innermost:
+        if per_sample is not None and per_sample >= BLOCK:
+            return _static_block_sums(t.reshape(t.shape[0] // per_sample, per_sample, t.shape[-1])).sum(0)
         # one block more than needed: at least 2 for any row count, so no guard tells 1 block apart
         return _block_sums(t, 0, t.shape[0] // BLOCK + 2)
     return t.to(STATS_DTYPE).sum(0)
@@ -142,18 +162,18 @@ def _column_sums(t: Tensor, innermost: bool) -> Tensor:
 
 def _channel_sums(t: Tensor) -> Tensor:
     """t (N, C, S) summed over S (keepdim), in float64, as sum_dim does. Where Inductor compiles and the channels are
-    innermost in memory (channels_last), the positions are summed in blocks (`_block_sums`; S is static, so the
-    blocks are exactly the ones needed). Why: a chunk of 256 positions walked each 16-channel vector down 256 rows
-    C floats apart (1 KB for C = 256). Measured on an AVX-512 Xeon, 2 threads, channels_last forwards: GroupNorm(32)
-    on 8x256x32x32 0.90 to 0.71 ms (contiguous: 0.67 ms), on 8x512x16x16 0.49 to 0.40 ms; BatchNorm2d on
-    8x1024x14x14 0.72 to 0.60 ms. Error against the float64 oracle at a mean of 1e3: 1.0-1.2e-7, from 1.2-2.0e-7."""
+    innermost in memory (channels_last), the positions are summed in blocks (`_static_block_sums`). Why: a chunk of
+    256 positions walked each 16-channel vector down 256 rows C floats apart (1 KB for C = 256). Measured on an
+    AVX-512 Xeon, 2 threads, channels_last forwards: GroupNorm(32) on 8x256x32x32 0.90 to 0.71 ms (contiguous: 0.67
+    ms), on 8x512x16x16 0.49 to 0.40 ms; BatchNorm2d on 8x1024x14x14 0.72 to 0.60 ms. Error against the float64
+    oracle at a mean of 1e3: 1.0-1.2e-7, from 1.2-2.0e-7."""
     N, C, S = t.shape
     blocks = -(-S // BLOCK)
-    # where the walk's stride is short (C < 128: under 512 bytes) or padding would add over 1/8 of the positions
-    # (7x7 maps), the plain chunks measured as fast or faster
+    # where the walk's stride is short (C < 128: under 512 bytes) or a partial block would be over 1/8 of the
+    # positions (7x7 maps), the plain chunks measured as fast or faster (on the blocks padded, as they then were)
     if (torch.compiler.is_compiling() and t.stride(1) == 1 and C >= 128 and blocks > 1
             and blocks * BLOCK - S <= S // 8):
-        return _block_sums(t.transpose(1, 2), 1, blocks).unsqueeze(-1)
+        return _static_block_sums(t.transpose(1, 2)).unsqueeze(-1)
     return sum_dim(t, -1)
 
 
@@ -546,6 +566,9 @@ def backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, sh
             dx = gw * rstd + (xc * k1 + k0)
         # over the other dims, one value per element of the normalized dims
         rows = lambda t: _layer_rows(spec, t)[0].reshape(-1, n)  # noqa: E731
+        # rows per sample where that count is static: a LayerNorm2d's positions (spatial sizes are static in every
+        # kernel); other layer norms' rows run over symbolic sequence lengths
+        per_sample = math.prod(x.shape[2:]) if spec.layer_dims(x.dim()) == (1,) else None
         if weight is not None and needs_w:
             if torch.compiler.is_compiling():
                 # xhat from x's rows, not a view of the full-size xhat: Inductor then indexes this sum and dbias's
@@ -554,9 +577,9 @@ def backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, sh
                 g_xhat = rows(g) * ((rows(x).to(cd) + (-per_row(shift.to(cd))) - per_row(m)) * per_row(r))
             else:
                 g_xhat = rows(g * xhat)
-            dweight = _column_sums(g_xhat, innermost).reshape(weight.shape)
+            dweight = _column_sums(g_xhat, innermost, per_sample).reshape(weight.shape)
         if bias is not None and needs_b:
-            dbias = _column_sums(rows(g), innermost).reshape(bias.shape)
+            dbias = _column_sums(rows(g), innermost, per_sample).reshape(bias.shape)
     else:
         # one pass over (x, dy): per-(sample, channel) sums of dy and dy * (x - mean); the parameter grads and
         # the pooled means of dx's formula all come from them

@@ -36,6 +36,8 @@ CASES = {
     "ln768": ("LayerNorm(768) 8x197x768", engine.NormSpec(groups=None, eps=1e-5, dims=(-1,)), (8, 197, 768), None),
     "ln1024": ("LayerNorm(1024) 4x1024x1024", engine.NormSpec(groups=None, eps=1e-5, dims=(-1,)), (4, 1024, 1024),
                None),
+    "ln2dcl": ("LayerNorm2d(96) 8x96x56x56 channels_last", engine.NormSpec(groups=None, eps=1e-6, dims=(1,)),
+               (8, 96, 56, 56), torch.channels_last),
     "gn32": ("GroupNorm(32) 8x64x56x56", engine.NormSpec(groups=32, eps=1e-5), (8, 64, 56, 56), None),
     "gn32cl": ("GroupNorm(32) 8x256x28x28 channels_last", engine.NormSpec(groups=32, eps=1e-5), (8, 256, 28, 28),
                torch.channels_last),
@@ -108,6 +110,9 @@ def best_of(fn, calls: int = 10) -> float:
 
 def aten_calls(spec: engine.NormSpec, x, w, b, dy):
     """ATen's forward and backward kernels for the case, as zero-argument callables."""
+    if spec.groups is None and spec.dims == (1,):  # LayerNorm2d: ATen's over the channels moved last (permute)
+        xp, dyp = x.permute(0, 2, 3, 1), dy.permute(0, 2, 3, 1)  # views; contiguous where x is channels_last
+        return aten_calls(engine.NormSpec(groups=None, eps=spec.eps, dims=(-1,)), xp, w, b, dyp)
     if spec.groups is None:
         n = x.shape[-1]
         _, mean, rstd = torch.ops.aten.native_layer_norm(x, [n], w, b, spec.eps)
@@ -133,7 +138,7 @@ def run_case(label, spec, shape, memory_format, repeat: int) -> list[dict]:
     dy = torch.randn(shape)
     if memory_format is not None:
         x, dy = x.contiguous(memory_format=memory_format), dy.contiguous(memory_format=memory_format)
-    affine = (shape[-1],) if spec.groups is None else (shape[1],)
+    affine = (shape[spec.dims[0]],) if spec.groups is None else (shape[1],)
     w, b = torch.randn(affine), torch.randn(affine)
     needs = (True, True, True)
 
