@@ -411,6 +411,44 @@ def test_contiguous_group_norm_forward_reads_x_in_one_parallel_loop(groups, affi
     assert (y.double() - oracle).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("case", ["ln768", "ln2d_channels_last"])
+def test_layer_norm_forward_reads_x_in_one_parallel_loop(case, no_graph_caches):
+    """A layer norm's shift, sums, statistics and output share one loop over the rows (engine._layer_forward_one_pass):
+    x is read in one parallel loop, not in one for the sums and one for y. And the values are the norm's: against
+    the eager engine (statistics too, in the shapes and memory format the backward takes) and the float64 oracle,
+    at a mean of 100."""
+    from torch._inductor.utils import run_and_get_code
+
+    from normzoo import engine
+
+    torch.manual_seed(0)
+    if case == "ln768":  # rows longer than sum_dim's one-level sums (512)
+        x, n, spec = torch.randn(2, 40, 768) * 3 + 100, 768, engine.NormSpec(groups=None, eps=1e-5, dims=(-1,))
+        moved = lambda t: t  # noqa: E731
+    else:  # 96 channels at each of 5x7 positions, the channels innermost in memory
+        x = (torch.randn(2, 96, 5, 7) * 3 + 100).contiguous(memory_format=torch.channels_last)
+        n, spec = 96, engine.NormSpec(groups=None, eps=1e-6, dims=(1,), activation="gelu")
+        moved = lambda t: t.permute(0, 2, 3, 1)  # noqa: E731
+    weight, bias = torch.randn(n), torch.randn(n)
+    fn = torch.compile(lambda *t: engine.forward_inference(spec, *t), dynamic=False, fullgraph=True)
+    out, codes = run_and_get_code(fn, x, weight, bias)
+    kernel = next(code for code in codes if "#pragma omp for" in code)
+    loops_reading_x = [part for part in kernel.split("#pragma omp for")[1:] if "in_ptr0" in part]
+    assert len(loops_reading_x) == 1, kernel
+    eager = engine.forward_inference(spec, x, weight, bias)
+    assert out[0].stride() == eager[0].stride() == x.stride()  # y in x's memory format
+    for got, want in zip(out[1:], eager[1:]):  # statistics in the shape and layout the backward takes them
+        assert got.shape == want.shape and got.is_contiguous()
+    # the shift is any value near the mean (its float32 sum may round apart from eager's): the mean is shift + mean_d
+    (y, shift, mean_d, rstd), (y_e, shift_e, mean_d_e, rstd_e) = out, eager
+    for got, want in ((y, y_e), (shift + mean_d, shift_e + mean_d_e), (rstd, rstd_e)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    oracle = nn.functional.layer_norm(moved(x).double(), (n,), weight.double(), bias.double(), spec.eps)
+    if spec.activation:
+        oracle = nn.functional.gelu(oracle)
+    assert (moved(out[0]).double() - oracle).abs().max().item() < 1e-5
+
+
 def test_layer_norm_backward_reads_each_row_in_one_parallel_loop(no_graph_caches):
     """The row sums of a layer norm's backward and its dx share one loop over the rows (engine.ONE_ROW_PASS_MAX):
     x and dy are read there once, not once for the sums and again for dx. And the gradients are the norm's: against
