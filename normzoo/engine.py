@@ -574,9 +574,9 @@ def _per_row(t: Tensor, rows: Tensor) -> Tensor:
     along the copies (the read of the row keeps it from being vectorized across rows). The zero is |x| < 0 as a
     float: exact for every x, NaN and inf included, and a vector compare (nan_to_num(x * 0), before, was a scalar
     isnan loop over the 16 elements, which cost a 96-wide layer-norm row more than its sums). As a plain pointwise
-    result it would be inlined into the normalize, its float64 division, sqrt
-    and reciprocal once per vector (Inductor compiles with -fmath-errno, so gcc does not hoist them), or, kept in a
-    buffer, computed in a loop vectorized across rows, which Inductor does not fuse into the row loop."""
+    result it would be inlined into the normalize, its float64 division, sqrt and reciprocal once per vector
+    (Inductor compiles with -fmath-errno, so gcc does not hoist them), or, kept in a buffer, computed in a loop
+    vectorized across rows, which Inductor does not fuse into the row loop."""
     k = min(SHIFT_ELEMENTS, rows.shape[-1])
     zero = (rows.narrow(-1, 0, k).to(t.dtype).abs() < 0).to(t.dtype)
     return (t + zero).amax(-1, keepdim=True)
