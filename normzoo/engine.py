@@ -126,7 +126,7 @@ def _block_sums(t: Tensor, dim: int, blocks: int) -> Tensor:
     return t.to(STATS_DTYPE).sum(dim)
 
 
-def _static_block_sums(t: Tensor) -> Tensor:
+def _static_block_sums(t: Tensor, block: int = BLOCK) -> Tensor:
     """t (N, S, n), S static and n innermost in memory, summed over S (dropped), in float64: the S // BLOCK whole
     blocks summed in t's dtype, then in float64, plus the last S % BLOCK positions. Slices of static sizes, where
     padding would make Inductor mask every load of the block loop (a scalar test and a masked load per vector).
@@ -135,8 +135,8 @@ def _static_block_sums(t: Tensor) -> Tensor:
     an AVX-512 Xeon (1 thread, scripts/bench_passes.py, alternated processes) that whole backward went from 2.47-2.62
     to 2.29-2.30 ms (ATen's 1.18-1.44 ms)."""
     S = t.shape[1]
-    whole = S - S % BLOCK
-    sums = t.narrow(1, 0, whole).unflatten(1, (whole // BLOCK, BLOCK)).sum(2).to(STATS_DTYPE).sum(1)
+    whole = S - S % block
+    sums = t.narrow(1, 0, whole).unflatten(1, (whole // block, block)).sum(2).to(STATS_DTYPE).sum(1)
     if whole < S:
         sums = sums + t.narrow(1, whole, S - whole).sum(1).to(STATS_DTYPE)
     return sums
@@ -160,21 +160,35 @@ def _column_sums(t: Tensor, innermost: bool, per_sample: int | None = None) -> T
     return t.to(STATS_DTYPE).sum(0)
 
 
-def _channel_sums(t: Tensor) -> Tensor:
+def _channel_sums(t: Tensor, block: int = BLOCK) -> Tensor:
     """t (N, C, S) summed over S (keepdim), in float64, as sum_dim does. Where Inductor compiles and the channels are
-    innermost in memory (channels_last), the positions are summed in blocks (`_static_block_sums`). Why: a chunk of
-    256 positions walked each 16-channel vector down 256 rows C floats apart (1 KB for C = 256). Measured on an
-    AVX-512 Xeon, 2 threads, channels_last forwards: GroupNorm(32) on 8x256x32x32 0.90 to 0.71 ms (contiguous: 0.67
+    innermost in memory (channels_last), the positions are summed in blocks of `block` (`_static_block_sums`). Why: a
+    chunk of 256 positions walked each 16-channel vector down 256 rows C floats apart (1 KB for C = 256). Measured on
+    an AVX-512 Xeon, 2 threads, channels_last forwards: GroupNorm(32) on 8x256x32x32 0.90 to 0.71 ms (contiguous: 0.67
     ms), on 8x512x16x16 0.49 to 0.40 ms; BatchNorm2d on 8x1024x14x14 0.72 to 0.60 ms. Error against the float64
     oracle at a mean of 1e3: 1.0-1.2e-7, from 1.2-2.0e-7."""
     N, C, S = t.shape
-    blocks = -(-S // BLOCK)
-    # where the walk's stride is short (C < 128: under 512 bytes) or a partial block would be over 1/8 of the
-    # positions (7x7 maps), the plain chunks measured as fast or faster (on the blocks padded, as they then were)
-    if (torch.compiler.is_compiling() and t.stride(1) == 1 and C >= 128 and blocks > 1
-            and blocks * BLOCK - S <= S // 8):
-        return _static_block_sums(t.transpose(1, 2)).unsqueeze(-1)
+    # where the walk's stride is short (C < 128: under 512 bytes), or the map is small (7x7: 49 positions) or not
+    # nearly whole blocks, the plain chunks measured as fast or faster (GroupNorm(32) on 32x512x7x7 channels_last,
+    # backward, AVX-512 Xeon, 1 thread: 1.29-1.33 ms as one chunk, 1.37-1.40 ms in 3 blocks of 16 and a remainder)
+    if (torch.compiler.is_compiling() and t.stride(1) == 1 and C >= 128 and S >= 4 * BLOCK and S // block >= 2
+            and S % block <= S // 8):
+        return _static_block_sums(t.transpose(1, 2), block).unsqueeze(-1)
     return sum_dim(t, -1)
+
+
+# Positions per block of the forward's channels_last statistics (the backward's sums keep BLOCK). Measured on an
+# AVX-512 Xeon (lscpu model 167), 1 thread, kernels against ATen's, alternated processes, two each, blocks of 16 ->
+# 64: GroupNorm(32) forward on 2x320x32x32 1.21, 1.24x -> 1.12, 1.13x; on 8x256x28x28 0.59, 0.64x -> 0.53, 0.51x; on
+# 16x512x14x14 0.82, 0.84x -> 0.80, 0.85x; BatchNorm2d train on 8x256x28x28 0.90, 0.89x -> 0.79, 0.83x. Blocks of 32
+# and 128 were between or slower; the same blocks in the backward were no faster (BatchNorm2d 8x256x28x28: 2.35,
+# 2.25 -> 2.43, 2.55 ms).
+CHANNEL_BLOCK = 64
+
+
+def _forward_channel_sums(t: Tensor) -> Tensor:
+    """_channel_sums in blocks of CHANNEL_BLOCK."""
+    return _channel_sums(t, CHANNEL_BLOCK)
 
 
 def _count(x: Tensor, dims: tuple[int, ...]) -> int:
@@ -340,7 +354,7 @@ def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, m
     S = rows.shape[-1]
     if spec.batch:  # one set per channel over (N, S): shifted by the first elements of sample 0
         shift = _first_mean(rows[:1], cd)  # (1, C, 1)
-        s1, s2 = _shifted_sums(rows, shift, _channel_sums)
+        s1, s2 = _shifted_sums(rows, shift, _forward_channel_sums)
         mean_d, var = _moments_from_sums(s1.sum(0, keepdim=True), s2.sum(0, keepdim=True), N * S)
         if spec.momentum is not None and running_mean is not None and running_var is not None:
             _update_running(spec, N * S, shift + mean_d, var, running_mean, running_var, momentum)
@@ -367,7 +381,7 @@ def _group_moments(spec: NormSpec, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         shift = _first_mean(rows.unflatten(1, (G, members))[:, :, 0], cd, spec.center)  # (N, G, 1)
         per_member = shift.unsqueeze(2).expand(N, G, members, 1).reshape(N, C, 1)
         s1, s2 = (t.reshape(N, G, members).sum(2, keepdim=True)
-                  for t in _shifted_sums(rows, stored(per_member), _channel_sums))
+                  for t in _shifted_sums(rows, stored(per_member), _forward_channel_sums))
     mean_d, var = _moments_from_sums(s1, s2, members * S, spec.center)
     return shift, mean_d, var
 
