@@ -678,9 +678,14 @@ def backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, sh
         per_channel = (N, C) + (1,) * (x.dim() - 2)
         # dy's sum shares the loop nest of dy * (x - shift)'s (one read of dy) only if its loops have the same shape:
         # adding an exact 0 that reads the per-(sample, channel) shift keeps Inductor from merging them into others
-        # (eagerly it would be one more full-size pass, so only where Inductor compiles)
+        # (eagerly it would be one more full-size pass, so only where Inductor compiles). The zero is |shift| < 0 as
+        # a float, as in _per_row: nan_to_num(shift * 0), before, was a scalar isnan loop per vector of the pass over
+        # channels_last x and dy. Measured on an AVX-512 Xeon (lscpu model 167), 1 thread, backward kernels, two
+        # alternated runs: GroupNorm(32) channels_last on 8x256x28x28 2.22, 2.26 -> 1.59, 1.57 ms (ATen 1.67-1.85),
+        # on 32x512x7x7 1.30, 1.26 -> 1.08, 1.00 (ATen 0.54-0.73); BatchNorm2d channels_last on 8x256x28x28 2.23,
+        # 2.34 -> 1.67, 1.45; contiguous inputs unchanged.
         if torch.compiler.is_compiling():
-            g_sum = g + (shift.to(cd) * 0.0).nan_to_num(0.0, 0.0, 0.0)
+            g_sum = g + (shift.to(cd).abs() < 0).to(cd)
         else:
             g_sum = g
         a = _channel_sums(_channel_rows(g_sum)).reshape(per_channel)
