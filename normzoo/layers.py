@@ -12,7 +12,6 @@ import numbers
 
 import torch
 from torch import Tensor, nn
-from torch.autograd import forward_ad
 
 from . import functional as NF
 from . import native, policy
@@ -47,8 +46,8 @@ def _fast_forward(forward):
                 if fast is not None:
                     self.__dict__["_fast_path"] = fast
                     self.__dict__["_plain_affine"] = _plain_affine(type(self))
-        if (fast is None or input.__class__ is not Tensor or torch._C._functorch.maybe_current_level() is not None
-                or forward_ad._current_level >= 0 or policy._recording is not None):
+        # (torch.func transforms and forward-mode tangents: the fast path itself declines them, in C++)
+        if fast is None or input.__class__ is not Tensor or policy._recording is not None:
             return forward(self, input)
         params = self._parameters
         if self.__dict__.get("_plain_affine") and "weight" in params and (not self._has_bias or "bias" in params):

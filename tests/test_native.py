@@ -392,6 +392,32 @@ def test_caches_cleared_modes_and_transforms_take_the_python_path(use_store, mon
 
 
 @pytest.mark.native
+def test_the_fast_path_declines_transforms_and_tangents_on_a_learned_signature(use_store):
+    """The fast path itself (C++) declines calls inside a torch.func transform and calls with a forward-mode tangent,
+    even for a signature it has learned (vmap's inner x has the learned shape); a dual level with no tangent on any
+    input is served, as it carries no tangent to lose."""
+    import torch.autograd.forward_ad as fwAD
+
+    m, x, dy, _ = _warmed_group_norm()
+    ref = lambda t: nn.functional.group_norm(t, 4, m.weight, m.bias)  # noqa: E731
+    assert _fast(m) == 1
+    xs = x.detach().unsqueeze(0).expand(2, *SHAPE).clone()
+    torch.testing.assert_close(torch.func.vmap(m)(xs), torch.func.vmap(ref)(xs))
+    torch.testing.assert_close(torch.func.grad(lambda t: m(t).square().sum())(x.detach()),
+                               torch.func.grad(lambda t: ref(t).square().sum())(x.detach()))
+    v = torch.randn(SHAPE)
+    with fwAD.dual_level():
+        got = m(fwAD.make_dual(x.detach(), v))
+        assert got.grad_fn is None or got.grad_fn.name() != "NativeNormBackward"
+        torch.testing.assert_close(fwAD.unpack_dual(got).tangent,
+                                   fwAD.unpack_dual(ref(fwAD.make_dual(x.detach(), v))).tangent)
+        y = m(x)  # no tangent anywhere: the node serves
+        assert y.grad_fn.name() == "NativeNormBackward"
+        assert fwAD.unpack_dual(y).tangent is None
+    assert m(x).grad_fn.name() == "NativeNormBackward"
+
+
+@pytest.mark.native
 def test_a_layer_with_a_fast_path_copies_and_pickles_without_it(use_store):
     import copy
 
