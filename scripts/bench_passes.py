@@ -43,6 +43,8 @@ CASES = {
                torch.channels_last),
     "bn": ("BatchNorm2d train 8x256x28x28", engine.NormSpec(groups=256, eps=1e-5, batch=True), (8, 256, 28, 28),
            None),
+    "bncl": ("BatchNorm2d train 8x256x28x28 channels_last", engine.NormSpec(groups=256, eps=1e-5, batch=True),
+             (8, 256, 28, 28), torch.channels_last),
     "in": ("InstanceNorm2d 1x64x128x128", engine.NormSpec(groups=64, eps=1e-5), (1, 64, 128, 128), None),
 }
 
