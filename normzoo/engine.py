@@ -127,8 +127,8 @@ def _block_sums(t: Tensor, dim: int, blocks: int) -> Tensor:
 
 
 def _static_block_sums(t: Tensor, block: int = BLOCK) -> Tensor:
-    """t (N, S, n), S static and n innermost in memory, summed over S (dropped), in float64: the S // BLOCK whole
-    blocks summed in t's dtype, then in float64, plus the last S % BLOCK positions. Slices of static sizes, where
+    """t (N, S, n), S static and n innermost in memory, summed over S (dropped), in float64: the S // block whole
+    blocks summed in t's dtype, then in float64, plus the last S % block positions. Slices of static sizes, where
     padding would make Inductor mask every load of the block loop (a scalar test and a masked load per vector).
     Measured on an AMD EPYC Zen 5, 1 thread, the two column sums of a 96-wide LayerNorm backward on 25088 rows
     compiled alone: 0.555 ms padded to 1570 blocks, 0.266 ms in the 1568 whole blocks (reading x + dy: 0.38 ms). On
@@ -171,7 +171,7 @@ def _channel_sums(t: Tensor, block: int = BLOCK) -> Tensor:
     # where the walk's stride is short (C < 128: under 512 bytes), or the map is small (7x7: 49 positions) or not
     # nearly whole blocks, the plain chunks measured as fast or faster (GroupNorm(32) on 32x512x7x7 channels_last,
     # backward, AVX-512 Xeon, 1 thread: 1.29-1.33 ms as one chunk, 1.37-1.40 ms in 3 blocks of 16 and a remainder)
-    if (torch.compiler.is_compiling() and t.stride(1) == 1 and C >= 128 and S >= 4 * BLOCK and S // block >= 2
+    if (torch.compiler.is_compiling() and t.stride(1) == 1 and C >= 128 and S >= 64 and S // block >= 2
             and S % block <= S // 8):
         return _static_block_sums(t.transpose(1, 2), block).unsqueeze(-1)
     return sum_dim(t, -1)

@@ -237,7 +237,7 @@ struct FastPath {
   std::optional<at::Tensor> call(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                  const std::optional<at::Tensor>& bias) {
     // inside a torch.func transform, or with a forward-mode AD tangent on an input: the Python way (the engine's
-    // differentiable ops). Checked here, not in the layer's Python: there it cost ~0.5 us of a 10 us call.
+    // differentiable ops). Checked here, not in the layer's Python, where it cost about 0.2-0.5 us of a 10 us call.
     // (functorch includes its front-mode key in the thread's dispatch keys while any transform's layer is pushed)
     if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
         has_tangent(x) || has_tangent(weight) || has_tangent(bias)) {
