@@ -592,8 +592,13 @@ def _per_row(t: Tensor, rows: Tensor) -> Tensor:
     (Inductor compiles with -fmath-errno, so gcc does not hoist them), or, kept in a buffer, computed in a loop
     vectorized across rows, which Inductor does not fuse into the row loop."""
     k = min(SHIFT_ELEMENTS, rows.shape[-1])
-    zero = (rows.narrow(-1, 0, k).to(t.dtype).abs() < 0).to(t.dtype)
-    return (t + zero).amax(-1, keepdim=True)
+    return (t + _exact_zero(rows.narrow(-1, 0, k), t.dtype)).amax(-1, keepdim=True)
+
+
+def _exact_zero(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """0 in `dtype`, shaped and indexed as t, that Inductor cannot fold away (it reads t): |t| < 0 as a float, exact
+    for every t, NaN and inf included, and a vector compare (nan_to_num(t * 0) compiles to a scalar isnan loop)."""
+    return (t.to(dtype).abs() < 0).to(dtype)
 
 
 # The longest rows (contiguous) whose layer-norm backward Inductor compiles as one pass over each row (its outer-loop
@@ -685,7 +690,7 @@ def backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, sh
         # on 32x512x7x7 1.30, 1.26 -> 1.08, 1.00 (ATen 0.54-0.73); BatchNorm2d channels_last on 8x256x28x28 2.23,
         # 2.34 -> 1.67, 1.45; contiguous inputs unchanged.
         if torch.compiler.is_compiling():
-            g_sum = g + (shift.to(cd).abs() < 0).to(cd)
+            g_sum = g + _exact_zero(shift, cd)
         else:
             g_sum = g
         a = _channel_sums(_channel_rows(g_sum)).reshape(per_channel)
