@@ -6,11 +6,12 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as NF
+from .layers import _Extras, _fast_forward
 
 __all__ = ["FrozenBatchNorm2d"]
 
 
-class FrozenBatchNorm2d(nn.Module):
+class FrozenBatchNorm2d(_Extras, nn.Module):
     r"""BatchNorm2d whose statistics and affine transform are fixed buffers, not parameters.
 
     .. math::
@@ -50,9 +51,8 @@ class FrozenBatchNorm2d(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None, *, compile: bool = True,
                  activation: str | None = None) -> None:
         super().__init__()
-        NF._check_activation(activation)
         self.num_features, self.eps = int(num_features), float(eps)
-        self.compile, self.activation = bool(compile), activation
+        self._init_extras(compile, activation)
         factory_kwargs = {"device": device, "dtype": dtype}
         self.register_buffer("weight", torch.ones(num_features, **factory_kwargs))
         self.register_buffer("bias", torch.zeros(num_features, **factory_kwargs))
@@ -66,6 +66,11 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def _fast_buffers(self) -> tuple:
+        buffers = self._buffers  # read, never updated, in train and eval alike
+        return buffers.get("running_mean"), buffers.get("running_var")
+
+    @_fast_forward
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_features:
             raise ValueError(f"FrozenBatchNorm2d({self.num_features}) expects input of shape "
@@ -74,6 +79,4 @@ class FrozenBatchNorm2d(nn.Module):
                              self.eps, activation=self.activation, compile=self.compile)
 
     def extra_repr(self) -> str:
-        out = f"{self.num_features}, eps={self.eps}"
-        out += "" if self.compile else ", compile=False"
-        return out + (f", activation={self.activation!r}" if self.activation else "")
+        return f"{self.num_features}, eps={self.eps}" + self._extras_repr()

@@ -32,9 +32,10 @@ def _as_shape(normalized_shape) -> tuple[int, ...]:
 def _fast_forward(forward):
     """A layer's forward that first asks the layer's fast path (normzoo.native): a call whose exact signature store
     kernels served before runs them with no Python past this point. A miss takes `forward`, the Python way, which
-    teaches the fast path what served it (normzoo.policy). Families without running statistics only: their kernel
-    depends on nothing but the layer's settings (any change of which drops the fast path, see _Extras.__setattr__)
-    and the signature the fast path checks."""
+    teaches the fast path what served it (normzoo.policy). A call's kernel depends on nothing but the layer's
+    settings and mode (any change of which drops the fast path, see _Extras.__setattr__) and the signatures the fast
+    path checks: the input's, the parameters' and those of the running statistics a BatchNorm in eval reads. A call
+    that updates running statistics (BatchNorm training that tracks them) takes the Python way: `_fast_buffers`."""
 
     @functools.wraps(forward)
     def fast_forward(self, input: Tensor) -> Tensor:
@@ -49,13 +50,16 @@ def _fast_forward(forward):
         # (torch.func transforms and forward-mode tangents: the fast path itself declines them, in C++)
         if fast is None or input.__class__ is not Tensor or policy._recording is not None:
             return forward(self, input)
+        buffers = self._fast_buffers()
+        if buffers is None:
+            return forward(self, input)
         params = self._parameters
         if self.__dict__.get("_plain_affine") and "weight" in params and (not self._has_bias or "bias" in params):
             # nn.Module.__getattr__ takes ~0.6 us an attribute (the two: 5-8% of a small input's call); where no class
             # attribute (a parametrization's property) could answer first, _parameters holds what it would return
-            y = fast(input, params["weight"], params["bias"] if self._has_bias else None)
+            y = fast(input, params["weight"], params["bias"] if self._has_bias else None, *buffers)
         else:
-            y = fast(input, self.weight, self.bias if self._has_bias else None)
+            y = fast(input, self.weight, self.bias if self._has_bias else None, *buffers)
         if y is not None:
             return y
         policy.learning.call = (fast, input)
@@ -92,6 +96,11 @@ class _Extras:
         state.pop("_fast_path", None)
         state.pop("_plain_affine", None)
         return state
+
+    def _fast_buffers(self) -> tuple | None:
+        """The running statistics a call reads, as the fast path takes them (none here), or None: this call takes
+        the Python way."""
+        return ()
 
     def _init_extras(self, compile: bool, activation: str | None) -> None:
         NF._check_activation(activation)
@@ -465,6 +474,7 @@ class _InstanceNorm(_ChannelNorm):
         super().__init__(num_features, eps, momentum, affine, False, device, dtype, bias=bias, compile=compile,
                          activation=activation)
 
+    @_fast_forward
     def forward(self, input: Tensor) -> Tensor:
         no_batch = self._check_input(input)
         x = input.unsqueeze(0) if no_batch else input
@@ -496,6 +506,13 @@ class _BatchNorm(_ChannelNorm):
         >>> y = m(torch.randn(8, 64, 56, 56))
     """
 
+    def _fast_buffers(self) -> tuple | None:
+        if self.training:  # training that tracks running statistics updates them: the Python way
+            return None if self.track_running_stats else (None, None)
+        buffers = self._buffers  # eval: the running statistics (None without them: the batch's)
+        return buffers.get("running_mean"), buffers.get("running_var")
+
+    @_fast_forward
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         momentum = self.momentum

@@ -371,15 +371,15 @@ learning = _Learning()
 def _teach(call: tuple, kernel, args: tuple) -> None:
     """Tell a layer's fast path which store kernels served this call, so that its next call with this signature
     skips the Python between the layer and them. Only what the plan's key fixes: store kernels loaded, arguments
-    in the layouts the kernels take, no running statistics, and the kernel given the layer's own input (the fast
-    path checks the signature of that input, not of something made from it)."""
+    in the layouts the kernels take, and the kernel given the layer's own input (the fast path checks the signature
+    of that input, not of something made from it). Running statistics only as read (BatchNorm eval): a call that
+    updates them is no store kernel's (_store_takes)."""
     fast, input = call
-    if (args[0] is not input or kernel.__class__ is not StoreKernel or not kernel.dense or args[3] is not None
-            or args[4] is not None):
+    if args[0] is not input or kernel.__class__ is not StoreKernel or not kernel.dense:
         return
     forward = kernel.entries.get("forward")
     if forward.__class__ is store.Loaded:
-        fast.learn(args[0], args[1], args[2], str(forward.package), list(kernel.nodes.items()))
+        fast.learn(args[0], args[1], args[2], args[3], args[4], str(forward.package), list(kernel.nodes.items()))
 
 
 class _Plan:

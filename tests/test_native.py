@@ -466,3 +466,80 @@ def test_batch_sizes_in_turn_other_needs_and_inference_mode(use_store):
         for _ in range(3):
             y = m(x)
         torch.testing.assert_close(y, nn.functional.group_norm(x, 4, m.weight, m.bias))
+
+
+@pytest.mark.native
+def test_a_batch_norm_in_eval_takes_the_fast_path_and_a_training_call_never_does(use_store):
+    """BatchNorm eval reads its running statistics: they are in the signature the fast path checks, and read on every
+    call (a change in place is seen). A training call that tracks running statistics must update them and count the
+    batch: it takes the Python way even where the fast path holds eval's kernels (the mode set past __setattr__)."""
+    m = _batch_norm()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(SHAPE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    dy = torch.randn(SHAPE)
+    _warm(m, x, dy)
+    assert _fast(m) == 1
+    ref = lambda t: nn.functional.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias)  # noqa: E731
+    with torch.no_grad():
+        y_fast = m(x)
+        y_python = policy.StoreKernel.forward(next(iter(policy._kernels.values())),
+                                              (x, m.weight, m.bias, m.running_mean, m.running_var, None))[0]
+        assert torch.equal(y_fast, y_python)
+        m.running_mean.add_(1.0)  # in place, as load_state_dict does: the next call reads it
+        m.running_var.mul_(2.0)
+        torch.testing.assert_close(m(x), ref(x))
+    assert _fast(m) == 1
+    x.grad = None
+    m(x).backward(dy)
+    torch.testing.assert_close(x.grad, torch.autograd.grad(ref(x), x, dy)[0])
+    running = m.running_mean.clone(), m.running_var.clone()
+    m.__dict__.update(training=True, compile=False)  # not through __setattr__: the fast path stays
+    assert _fast(m) == 1
+    torch_bn = nn.BatchNorm2d(8)
+    torch_bn.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(m(x), torch_bn(x))
+    assert m.num_batches_tracked.item() == 2
+    torch.testing.assert_close(m.running_mean, torch_bn.running_mean)
+    torch.testing.assert_close(m.running_var, torch_bn.running_var)
+    assert not torch.equal(m.running_mean, running[0]) and not torch.equal(m.running_var, running[1])
+
+
+@pytest.mark.native
+def test_an_instance_norm_takes_the_fast_path_for_batched_inputs(use_store):
+    m = normzoo.InstanceNorm2d(8, affine=True)
+    x = torch.randn(SHAPE)
+    assert not precompile(m, x, grad=False, progress=False)["failed"]
+    with torch.no_grad():
+        for _ in range(3):
+            y = m(x)
+        assert _fast(m) == 1
+        torch.testing.assert_close(y, nn.functional.instance_norm(x, weight=m.weight, bias=m.bias))
+        for _ in range(2):  # no batch dim: the input is not what the kernel is given; never learned
+            torch.testing.assert_close(m(x[0]), nn.functional.instance_norm(x[:1], weight=m.weight,
+                                                                            bias=m.bias)[0])
+        assert _fast(m) == 1
+
+
+@pytest.mark.native
+def test_a_frozen_batch_norm_takes_the_fast_path_in_train_and_eval(use_store):
+    """FrozenBatchNorm2d never updates its statistics: train and eval calls alike are served, with eval BatchNorm's
+    numbers (the same kernels as the BatchNorm above)."""
+    bn = _batch_norm()
+    m = normzoo.FrozenBatchNorm2d(8)
+    m.load_state_dict(bn.state_dict())
+    x = torch.randn(SHAPE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    dy = torch.randn(SHAPE)
+    for mode in (False, True):
+        m.train(mode)
+        _warm(m, x, dy)
+        assert _fast(m) == 1
+        x.grad = None
+        m(x).backward(dy)
+        with torch.no_grad():
+            y = m(x)
+        torch.testing.assert_close(y, nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight,
+                                                               bn.bias))
+        torch.testing.assert_close(x.grad, torch.autograd.grad(bn(x), x, dy)[0])

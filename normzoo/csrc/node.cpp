@@ -206,7 +206,7 @@ std::string env(const char* name) {
 // teaches the fast path what served it (normzoo.policy.run).
 struct FastPath {
   struct Entry {
-    Signature x, weight, bias;
+    Signature x, weight, bias, running_mean, running_var;  // the running statistics of a BatchNorm in eval, read only
     bool inference;
     std::shared_ptr<Loader> forward;
     std::array<c10::intrusive_ptr<Kernels>, 8> nodes;  // by needs: x | weight << 1 | bias << 2
@@ -218,9 +218,13 @@ struct FastPath {
   std::string env_compile, env_dynamic;  // what the entries were learned under
 
   std::shared_ptr<Entry> find(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                              const std::optional<at::Tensor>& bias, bool inference) {
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                              const std::optional<at::Tensor>& running_var, bool inference) {
     for (const auto& e : entries) {
-      if (e->inference == inference && e->x.matches(x) && e->weight.matches(weight) && e->bias.matches(bias)) return e;
+      if (e->inference == inference && e->x.matches(x) && e->weight.matches(weight) && e->bias.matches(bias) &&
+          e->running_mean.matches(running_mean) && e->running_var.matches(running_var)) {
+        return e;
+      }
     }
     return nullptr;
   }
@@ -235,7 +239,8 @@ struct FastPath {
   }
 
   std::optional<at::Tensor> call(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                 const std::optional<at::Tensor>& bias) {
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                                 const std::optional<at::Tensor>& running_var) {
     // inside a torch.func transform, or with a forward-mode AD tangent on an input: the Python way (the engine's
     // differentiable ops). Checked here, not in the layer's Python, where it cost about 0.2-0.5 us of a 10 us call.
     // (functorch includes its front-mode key in the thread's dispatch keys while any transform's layer is pushed)
@@ -247,7 +252,7 @@ struct FastPath {
     {
       std::lock_guard<std::mutex> guard(mutex);
       if (!current()) return std::nullopt;
-      e = find(x, weight, bias, c10::InferenceMode::is_enabled());
+      e = find(x, weight, bias, running_mean, running_var, c10::InferenceMode::is_enabled());
     }
     if (!e) return std::nullopt;
     bool w = weight.has_value() && weight->defined() && weight->requires_grad();
@@ -255,15 +260,15 @@ struct FastPath {
     if (at::GradMode::is_enabled() && (x.requires_grad() || w || b)) {
       const auto& node = e->nodes[(x.requires_grad() ? 1 : 0) | (w ? 2 : 0) | (b ? 4 : 0)];
       if (!node) return std::nullopt;
-      return apply_node(x, weight, bias, std::nullopt, std::nullopt, node);
+      return apply_node(x, weight, bias, running_mean, running_var, node);
     }
     std::vector<at::Tensor> inputs{x};
-    add(inputs, weight);
-    add(inputs, bias);
+    for (const auto* t : {&weight, &bias, &running_mean, &running_var}) add(inputs, *t);
     return e->forward->run(inputs)[0];
   }
 
   void learn(const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+             const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
              const std::string& forward, const std::vector<std::pair<std::array<bool, 3>, Node*>>& nodes) {
     std::lock_guard<std::mutex> guard(mutex);
     if (!current()) {
@@ -272,10 +277,11 @@ struct FastPath {
       env_dynamic = env("NORMZOO_DYNAMIC_BATCH");
     }
     bool inference = c10::InferenceMode::is_enabled();
-    auto e = find(x, weight, bias, inference);
+    auto e = find(x, weight, bias, running_mean, running_var, inference);
     if (!e) {
       if (entries.size() >= kMaxEntries) entries.erase(entries.begin());
-      e = std::make_shared<Entry>(Entry{Signature(x), Signature(weight), Signature(bias), inference, load(forward), {}});
+      e = std::make_shared<Entry>(Entry{Signature(x), Signature(weight), Signature(bias), Signature(running_mean),
+                                        Signature(running_var), inference, load(forward), {}});
       entries.push_back(e);
     }
     for (const auto& [needs, node] : nodes) {
@@ -293,7 +299,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &Node::call, pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<FastPath>(m, "FastPath")
       .def(pybind11::init<>())
-      .def("__call__", &FastPath::call, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("__call__", &FastPath::call, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
+           pybind11::arg("running_mean") = pybind11::none(), pybind11::arg("running_var") = pybind11::none(),
+           pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("learn", &FastPath::learn)
       .def("__len__", [](FastPath& self) {
         std::lock_guard<std::mutex> guard(self.mutex);
