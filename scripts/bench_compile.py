@@ -51,7 +51,7 @@ def _child(workload: str, lib: str, threads: int, quick: bool) -> dict:
     torch.manual_seed(0)
     started = time.perf_counter()
     out: dict = {"workload": workload, "lib": lib}
-    os.environ.pop("NORMZOO_COMPILE", None)  # bench_models' default (sync) is not this benchmark's
+    os.environ.pop("NORMZOO_COMPILE", None)  # this benchmark measures the default policy (or sync, below)
     if lib == "normzoo-sync":
         os.environ["NORMZOO_COMPILE"] = "sync"
     if workload in ("resnet18_gn", "user_compile"):

@@ -17,6 +17,12 @@ A case that disagrees is reported with no times and the script exits 1. Then `--
 `--blocks` timing blocks of about `--block-seconds` per contender, interleaved and rotated (no contender always
 runs first). Reported: median step time, interquartile range over the median (`iqr`), ratio normzoo / torch.nn.
 
+normzoo's kernels (`--policy`): `store` (the default, what a user's process gets with a warm kernel store): the
+model's kernels are built into the kernel store (normzoo.precompile, NORMZOO_KERNEL_DIR) before its first step, and
+kernels asked for later (a whole-model compile's layouts) are waited for before the timed steps; the layers' fast
+path and the C++ node serve. `sync`: every kernel compiled in this process on its first call (NORMZOO_COMPILE=sync:
+no store, no fast path, no C++ node). NORMZOO_COMPILE=0 in the environment turns normzoo's kernels off.
+
     python scripts/bench_models.py                            # everything (minutes: see README, Performance)
     python scripts/bench_models.py --quick                    # a tiny smoke run
     python scripts/bench_models.py --models resnet18 --norms bn --modes train --compile eager
@@ -35,11 +41,7 @@ import types
 from dataclasses import dataclass, field
 from functools import partial
 
-# timed steps measure compiled kernels, each compiled before its first call (not the eager engine that serves a
-# call while a background build runs: normzoo.policy)
-os.environ.setdefault("NORMZOO_COMPILE", "sync")
-
-import torch  # noqa: E402
+import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 from torch import Tensor, nn
@@ -47,6 +49,7 @@ from torch._dynamo.utils import counters as dynamo_counters
 
 import normzoo
 from normzoo import compiling
+from normzoo.precompile import precompile
 from normzoo.sweeps import report as rp
 
 RTOL = ATOL = 1e-4  # float32 agreement of two models computing the same function
@@ -196,6 +199,7 @@ class Settings:
     block_seconds: float = 1.0
     warmup: int = 2
     seed: int = 0
+    policy: str = "store"  # normzoo's kernels: "store" (built ahead, warm) or "sync" (compiled in process)
 
 
 QUICK = dict(batch_size=2, image_size=64, width=32, depth_scale=0.25, vit_dim=64, vit_heads=2, vit_tokens=17,
@@ -412,6 +416,11 @@ def run_case(case: Case, s: Settings) -> dict:
         return row
     contenders = [Contender("torch", make_step(ref, case, x, y, f"torch_{_tag}")),
                   Contender("normzoo", make_step(zoo, case, x, y, f"normzoo_{_tag}"))]
+    store = s.policy == "store" and compiling.compile_enabled()
+    if store:  # a warm store: the kernels of the model's eager calls built before its first step
+        started = time.perf_counter()
+        precompile(zoo, x, grad=case.mode == "train", progress=False)
+        row["normzoo"]["store_s"] = round(time.perf_counter() - started, 1)
     first_compiles = {}
     for c in contenders:  # the first step: whole-model compile or normzoo's kernel compiles happen here
         c.first_out, c.first_s = c.run(timed=False)
@@ -425,6 +434,13 @@ def run_case(case: Case, s: Settings) -> dict:
     for c in contenders:
         for _ in range(s.warmup):
             c.run(timed=False)
+    if store:  # kernels first asked for by the steps (a whole-model compile's layouts): built, then loaded
+        started = time.perf_counter()
+        while normzoo.cache_info()["background"]["pending"] and time.perf_counter() - started < 1800:
+            time.sleep(0.5)
+        row["normzoo"]["store_s"] += round(time.perf_counter() - started, 1)
+        for _ in range(max(1, s.warmup)):
+            contenders[1].run(timed=False)
     # steps per block: about block_seconds of the slower contender's steady step (at least 1)
     probe = max(min(c.run()[1] for _ in range(2)) for c in contenders)
     for c in contenders:
@@ -460,6 +476,7 @@ def environment(s: Settings) -> dict:
     env = rp.environment("cpu", s.threads)
     env["isa"] = torch.backends.cpu.get_cpu_capability()
     env["normzoo_compile"] = compiling.compile_enabled()
+    env["normzoo_kernels"] = s.policy if env["normzoo_compile"] else "off"
     return env
 
 
@@ -514,6 +531,10 @@ def build_report(results: list[dict], s: Settings, env: dict, wall_s: float | No
     }
 
 
+_KERNELS = {"store": "the kernel store, built before the first step, with the fast path and C++ node",
+            "sync": "compiled in process on first call (NORMZOO_COMPILE=sync)", "off": "off: NORMZOO_COMPILE"}
+
+
 def header(report: dict) -> list[str]:
     """The machine and settings the numbers belong to."""
     env, s = report["environment"], report["settings"]
@@ -521,8 +542,8 @@ def header(report: dict) -> list[str]:
         "Whole-model steady-state step time, torch.nn norm layers vs normzoo layers "
         f"(scripts/bench_models.py, {env['date']}).",
         f"Machine: {env['cpu']}, vector ISA {env['isa']}, {env['cpu_count']} logical CPUs, load average at the "
-        f"start {env['load_avg']}; torch {env['torch']}, normzoo {env['normzoo']} (kernel compile "
-        f"{'on' if env['normzoo_compile'] else 'off: NORMZOO_COMPILE'}); threads {s['threads']}"
+        f"start {env['load_avg']}; torch {env['torch']}, normzoo {env['normzoo']} (kernels: "
+        f"{_KERNELS[env.get('normzoo_kernels', 'sync')]}); threads {s['threads']}"
         + (f"; allocator settings {env['allocator']}" if env["allocator"] else "") + ".",
         f"Inputs: batch {s['batch_size']}; ResNets 3x{s['image_size']}x{s['image_size']}, base width {s['width']}, "
         f"depth scale {s['depth_scale']:g}; ViT {s['vit_tokens']} tokens x {s['vit_dim']}, {s['vit_heads']} heads, "
@@ -582,6 +603,9 @@ def parse_args(argv: list[str] | None):
         default = getattr(d, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None,
                        help=f"{help_} (default: {default}{', --quick: ' + str(QUICK[name]) if name in QUICK else ''})")
+    p.add_argument("--policy", choices=["store", "sync"], default=None,
+                   help="normzoo's kernels: store (built before the first step, warm; default) or sync (compiled "
+                        "in process on first call)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run: small models and inputs, 2 blocks of 1 step")
     p.add_argument("--format", choices=["table", "markdown", "json", "csv"], default="table")
     p.add_argument("--output", metavar="PATH", help="write the report there (rewritten after every case)")
@@ -610,6 +634,8 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args, s, todo = parse_args(argv)
+    if compiling.compile_enabled():  # NORMZOO_COMPILE=0 keeps normzoo's kernels off
+        os.environ["NORMZOO_COMPILE"] = "1" if s.policy == "store" else "sync"
     torch.set_num_threads(s.threads)
     env = environment(s)
     start = time.perf_counter()
