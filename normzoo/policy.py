@@ -17,14 +17,16 @@ Training calls whose forward and backward kernels came from the store go through
 through the Python autograd.Function of normzoo.compiling, with the same kernels.
 
 Signatures the store does not take run the in-memory compile: CUDA inputs, layouts other than contiguous and
-channels_last, BatchNorm training that updates running statistics (an AOTInductor package does not write its
-inputs). Sizes 0 run eagerly; dims of size 1 are static in a kernel's shape contract (another kernel). A store
-that cannot be written, or a build that fails, warns once and falls back to the in-memory compile.
+channels_last. BatchNorm training that updates running statistics runs the store's kernels of the call without the
+update, then the update (_Updating: an AOTInductor package does not write its inputs). Sizes 0 run eagerly; dims of
+size 1 are static in a kernel's shape contract (another kernel). A store that cannot be written, or a build that
+fails, warns once and falls back to the in-memory compile.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 import subprocess
@@ -307,9 +309,32 @@ def _store_takes(spec: engine.NormSpec, args: tuple) -> bool:
     x = args[0]
     if x.device.type != "cpu" or args[5] is not None:
         return False
-    if spec.batch and spec.momentum is not None and args[3] is not None:  # updates its running statistics
+    if engine.updates_running(spec, args[3]):  # an AOTInductor package does not write its inputs: _Updating serves it
         return False
     return builder.layout_of(x) is not None
+
+
+class _Updating:
+    """BatchNorm training that updates its running statistics, served from the store: the kernel of the same call
+    without the update (the kernel of track_running_stats=False), then the update in place from the batch
+    statistics it returns (engine.update_running_from)."""
+
+    __slots__ = ("inner", "spec", "update")
+
+    def __init__(self, inner, update: engine.NormSpec) -> None:
+        self.inner, self.spec, self.update = inner, inner.spec, update
+
+    def forward(self, tensors: tuple):
+        x, weight, bias, running_mean, running_var, momentum = tensors
+        out = self.inner.forward((x, weight, bias, None, None, None))
+        engine.update_running_from(self.update, x, *out[1:], running_mean, running_var, momentum)
+        return out
+
+    def backward(self, needs, tensors: tuple):
+        return self.inner.backward(needs, tensors)
+
+    def native_apply(self, args: tuple):
+        return None  # the C++ node returns y alone: the update needs the statistics (the Python function has them)
 
 
 def run(spec: engine.NormSpec, x, weight=None, bias=None, running_mean=None, running_var=None, momentum=None,
@@ -406,6 +431,11 @@ def _kernel_of(spec: engine.NormSpec, args: tuple, compile: bool):
     """The kernel that serves a call (a StoreKernel, or the in-memory compile's), or None: computed inline."""
     x = args[0]
     which = mode() if compile else "off"
+    if which == "background" and engine.updates_running(spec, args[3]) and not torch.compiler.is_compiling():
+        inner_spec, inner_args = dataclasses.replace(spec, momentum=None), args[:3] + (None, None, None)
+        if _store_takes(inner_spec, inner_args):
+            inner = _kernel_of(inner_spec, inner_args, compile)
+            return None if inner is None else _Updating(inner, spec)
     if _recording is not None and not _store_takes(spec, args):  # precompile: the store has no kernel for it
         return None
     if which != "background" or torch.compiler.is_compiling() or not _store_takes(spec, args):

@@ -226,3 +226,46 @@ def test_a_builder_that_cannot_start_warns_once_and_compiles_in_memory(store_at,
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")  # what Popen starts the builder with
     _falls_back_to_memory(normzoo.GroupNorm(2, 6), ((2, 6, 3, 11), (2, 6, 4, 11)), "could not be started")
     assert policy.info()["background"]["start_error"]
+
+
+def test_batch_norm_training_that_updates_running_statistics_runs_store_kernels(store_at):
+    """BatchNorm training that tracks running statistics: the store's kernels of the call without the update (no
+    in-memory compile), the update from the batch statistics they return. Against the float64 oracle, at batch
+    sizes in turn: y, the gradients, and the running mean and unbiased variance (EMA, and the cumulative average
+    of momentum=None), to float32's rounding; num_batches_tracked counted. A constant channel (variance 0) keeps a
+    running variance that is never negative."""
+    store_at()
+    for momentum in (0.1, None):
+        torch.manual_seed(4)
+        m = normzoo.BatchNorm2d(4, momentum=momentum)
+        with torch.no_grad():
+            m.weight.normal_()
+            m.bias.normal_()
+        ref = nn.BatchNorm2d(4, momentum=momentum).double()
+        ref.load_state_dict(m.state_dict())
+        summary = precompile(m, torch.randn(SHAPE, requires_grad=True), progress=False)
+        assert summary["kernels"] == 2 and not summary["failed"], summary
+        assert m.num_batches_tracked.item() == 0 and torch.equal(m.running_var, torch.ones(4))  # a copy ran
+        before = compiling.cache_info()["compiles"], policy.info()
+        for n in (3, 2, 5):
+            x = torch.randn(n, *SHAPE[1:]) * 3 + 1
+            x[:, 3] = 0.25  # a constant channel
+            x.requires_grad_()
+            x64 = x.detach().double().requires_grad_()
+            dy = torch.randn(x.shape)
+            y, y64 = m(x), ref(x64)
+            y.backward(dy)
+            y64.backward(dy.double())
+            torch.testing.assert_close(y.double(), y64, rtol=0, atol=2e-6)
+            torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-6, atol=2e-6)
+            torch.testing.assert_close(m.weight.grad.double(), ref.weight.grad, rtol=2e-6, atol=2e-6)
+            got, want = m.running_mean.double(), ref.running_mean
+            assert ((got - want).abs() / want.abs()).max() < 4e-7, (got, want)
+            got, want = m.running_var.double(), ref.running_var  # float32's rounding, a few ulps; want[3]: 0.9 ** k, or 0
+            assert ((got - want).abs() <= 4e-7 * want + 1e-12).all() and (got >= 0).all(), (got, want)
+            m.weight.grad = ref.weight.grad = None
+        assert m.num_batches_tracked.item() == 3
+        info = policy.info()
+        assert compiling.cache_info()["compiles"] == before[0]  # no in-memory compile
+        assert info["store_loaded"] - before[1]["store_loaded"] == 2  # forward and backward, shared by the two
+        assert info["eager_interim_calls"] == before[1]["eager_interim_calls"]
