@@ -789,8 +789,9 @@ def updates_running(spec: NormSpec, running_mean) -> bool:
 
 def update_running_from(spec: NormSpec, x: Tensor, shift, mean_d, rstd, running_mean, running_var, momentum) -> None:
     """BatchNorm's running update from the statistics (shift, mean_d, rstd) of the same call without it, for a
-    kernel that cannot write its inputs (an AOTInductor package: normzoo.policy._Updating). The batch variance is recovered from rstd = 1 / sqrt(var + eps) as stored (float32 for float32 x): a
-    relative error of at most 2.4e-7 x (1 + eps / var), before the momentum scales it; never below 0."""
+    kernel that cannot write its inputs (an AOTInductor package: normzoo.policy._Updating). The batch variance is
+    recovered from rstd = 1 / sqrt(var + eps) as stored (float32 for float32 x): a relative error of at most
+    2.4e-7 x (1 + eps / var), before the momentum scales it; never below 0."""
     with torch.no_grad():
         var = rstd.double().pow(-2).sub_(spec.eps).clamp_min_(0)
         _update_running(spec, x.numel() // x.shape[1], shift.double() + mean_d, var, running_mean, running_var,
