@@ -1,9 +1,10 @@
 """The kernel builder: an engine function made into an AOTInductor package in the kernel store.
 
-A job names one kernel: its role (the forward, or a backward and the gradients it returns), the spec, and per
-tensor argument its example shape, dtype, layout and the dims that are symbolic. `build(job)` exports the engine
-function with those dims as `torch.export.Dim`s (min 2: sizes 0 and 1 are served elsewhere), compiles it with
-AOTInductor (thread count read at run time) and commits it to the store (normzoo.store).
+A job names one kernel: its role (the forward, the inference forward that returns y alone, or a backward and the
+gradients it returns), the spec, and per tensor argument its example shape, dtype, layout and the dims that are
+symbolic. `build(job)` exports the engine function with those dims as `torch.export.Dim`s (min 2: sizes 0 and 1 are
+served elsewhere), compiles it with AOTInductor (thread count read at run time) and commits it to the store
+(normzoo.store).
 
 `python -m normzoo.builder` is the background worker: it reads jobs as JSON lines on stdin (each naming the store
 directory it goes to), builds each one that
@@ -74,7 +75,8 @@ def spec_from(fields: dict) -> engine.NormSpec:
 
 def job_for(role: str, spec: engine.NormSpec, tensors: tuple, dynamic: dict[int, tuple[int, ...]],
             needs: tuple[bool, bool, bool] | None = None) -> dict:
-    """A job for the kernel of `role` ("forward" or "backward") on these example tensors (None: absent)."""
+    """A job for the kernel of `role` on these example tensors (None: absent): "forward" (y and the statistics the
+    backward needs), "inference" (y alone) or "backward"."""
     args = [describe(t, dynamic.get(i, ())) for i, t in enumerate(tensors)]
     job = {"role": role, "spec": spec_fields(spec), "args": args, "needs": list(needs) if needs else None}
     role_key = role if needs is None else f"{role}:{''.join('1' if n else '0' for n in needs)}"
@@ -98,6 +100,8 @@ class _Entry(torch.nn.Module):
         args = [next(it) if p else None for p in self.present]
         if self.role == "forward":
             return tuple(engine.forward_inference(self.spec, *args))
+        if self.role == "inference":  # y alone, for calls that need no gradient: no statistics to write out
+            return (engine.forward_inference(self.spec, *args)[0],)
         grads = engine.backward(self.spec, self.needs, *args)
         return tuple(g for g in grads if g is not None)
 

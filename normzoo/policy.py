@@ -174,34 +174,62 @@ def _like(dy: Tensor, x: Tensor) -> Tensor:
 
 
 class StoreKernel:
-    """A signature's forward and backward kernels from the store, with the compiled-kernel interface that
-    normzoo.compiling's autograd.Function ties together: forward(tensors) -> (y, shift, mean_d, rstd) and
-    backward(needs, tensors) -> (dx, dweight, dbias)."""
+    """A signature's kernels from the store, with the compiled-kernel interface that normzoo.compiling's
+    autograd.Function ties together: forward(tensors) -> (y, shift, mean_d, rstd), backward(needs, tensors) ->
+    (dx, dweight, dbias), and infer(tensors) -> y for calls that need no gradient."""
 
     def __init__(self, spec: engine.NormSpec, dims: tuple[int, ...]) -> None:
         self.spec = spec
         self.batch_dims = dims
-        self.entries: dict = {}  # "forward" or needs -> store.Loaded | _Pending | _FALLBACK
+        self.entries: dict = {}  # "forward", "inference" or needs -> store.Loaded | _Pending | _FALLBACK
         self._memory: compiling._Kernel | None = None  # the in-memory compile, for entries the store cannot serve
         self.dense: bool | None = None  # whether every argument is in a layout the kernels take as it is
         self.nodes: dict = {}  # needs -> the C++ autograd node (normzoo.native) of the loaded forward and backward
 
     def forward(self, tensors: tuple):
-        entry = self.entries.get("forward")
+        out = self._run("forward", tensors)
+        return out if out is not None else self._eager(tensors)
+
+    def infer(self, tensors: tuple) -> Tensor:
+        """y of a call that needs no gradient. A signature first seen in such a call gets the inference kernel: y
+        alone, no statistics to write out (a small input's call is 1-3 us shorter). One whose forward kernel is
+        loaded (a training layer's no-grad calls) takes the forward's y, and no further kernel is built for it.
+        While the inference kernel is being built: the forward's y where that is loaded, else the eager engine's."""
+        if self.entries.get("inference") is None and self.entries.get("forward").__class__ is store.Loaded:
+            return self.forward(tensors)[0]
+        out = self._run("inference", tensors)
+        if out is None:
+            out = self._run("forward", tensors) if self.entries.get("forward").__class__ is store.Loaded else None
+        return (out if out is not None else self._eager(tensors))[0]
+
+    def no_grad_package(self) -> str:
+        """The package infer() runs for good ("": none yet), for the layers' fast path."""
+        inference, forward = self.entries.get("inference"), self.entries.get("forward")
+        if inference.__class__ is store.Loaded:
+            return str(inference.package)
+        return str(forward.package) if inference is None and forward.__class__ is store.Loaded else ""
+
+    def _run(self, role: str, tensors: tuple):
+        """The outputs of the role's kernel (loaded, or compiled in memory where the store cannot serve it), or None
+        while it is being built."""
+        entry = self.entries.get(role)
         if entry.__class__ is store.Loaded and self.dense:  # the steady state, with the least Python
-            return tuple(entry([t for t in tensors if t is not None]))
+            return entry([t for t in tensors if t is not None])
         given, tensors = tensors, tuple(_dense(t) for t in tensors)
         if self.dense is None:  # the kernel's key fixes the arguments' layouts: whether they need a copy is fixed too
             self.dense = all(a is b for a, b in zip(given, tensors))
-        entry = self._entry("forward", lambda: builder.job_for("forward", self.spec, tensors, {0: self.batch_dims}))
+        entry = self._entry(role, lambda: builder.job_for(role, self.spec, tensors, {0: self.batch_dims}))
         if isinstance(entry, store.Loaded):
             if self.dense and native.enabled():  # the layers' fast path needs the extension, forwards alone too
                 native.module(background.submit, background.results)
-            return tuple(entry([t for t in tensors if t is not None]))
+            return entry([t for t in tensors if t is not None])
         if entry is _FALLBACK:
-            return self._in_memory().forward(tensors)
+            return self._in_memory().forward(tensors)  # (y first, as the inference kernel's)
+        return None
+
+    def _eager(self, tensors: tuple):
         _stats.eager_calls += _recording is None
-        return engine.forward_inference(self.spec, *tensors)
+        return engine.forward_inference(self.spec, *(_dense(t) for t in tensors))
 
     def backward(self, needs, tensors: tuple):
         """tensors: (x, weight, bias, shift, mean_d, rstd, dy)."""
@@ -330,6 +358,9 @@ class _Updating:
         engine.update_running_from(self.update, x, *out[1:], running_mean, running_var, momentum)
         return out
 
+    def infer(self, tensors: tuple) -> Tensor:
+        return self.forward(tensors)[0]  # the update needs the statistics: the forward kernel's
+
     def backward(self, needs, tensors: tuple):
         return self.inner.backward(needs, tensors)
 
@@ -402,9 +433,9 @@ def _teach(call: tuple, kernel, args: tuple) -> None:
     fast, input = call
     if args[0] is not input or kernel.__class__ is not StoreKernel or not kernel.dense:
         return
-    forward = kernel.entries.get("forward")
-    if forward.__class__ is store.Loaded:
-        fast.learn(args[0], args[1], args[2], args[3], args[4], str(forward.package), list(kernel.nodes.items()))
+    package = kernel.no_grad_package()
+    if package or kernel.nodes:
+        fast.learn(args[0], args[1], args[2], args[3], args[4], package, list(kernel.nodes.items()))
 
 
 class _Plan:

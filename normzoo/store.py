@@ -6,10 +6,10 @@ tracing, no C++ compile.
 
 - Directory: NORMZOO_KERNEL_DIR, by default the per-user cache directory (`$XDG_CACHE_HOME/normzoo/kernels`, else
   `~/.cache/normzoo/kernels`).
-- Key: a hash of everything a kernel's validity depends on: normzoo's engine and builder sources, torch's version, the CPU's
-  vector ISA, the device, the role (forward, or backward and its needed gradients), the spec, and per argument its
-  dtype, layout and shape contract (the static sizes, and which dims are symbolic). The thread count is not part of
-  it: kernels read it when they run.
+- Key: a hash of everything a kernel's validity depends on: normzoo's engine and builder sources, torch's version,
+  the CPU's vector ISA, the device, the role (forward, inference, or backward and its needed gradients), the spec,
+  and per argument its dtype, layout and shape contract (the static sizes, and which dims are symbolic). The thread
+  count is not part of it: kernels read it when they run.
 - Entry: `<key>.pt2` and `<key>.json` (the manifest: the key's fields and the package's sha256). Both are written to
   a temporary file in the same directory and renamed into place, the manifest last, so a reader sees a whole entry
   or none. Two processes building the same kernel write the same bytes' worth of entry; the last rename wins.

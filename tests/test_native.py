@@ -17,7 +17,7 @@ from torch import nn
 
 import normzoo
 from normzoo import builder, compiling, native, policy, store
-from normzoo.precompile import precompile
+from normzoo.precompile import jobs_for, precompile
 
 
 @pytest.fixture
@@ -317,6 +317,38 @@ def test_the_fast_path_serves_repeat_calls_with_the_python_paths_numbers(use_sto
     x.grad = None
     _through_python(m, x).backward(dy)
     assert torch.equal(fast_grad, x.grad)
+
+
+@pytest.mark.native
+def test_calls_without_gradients_run_the_inference_kernel_bit_for_bit(use_store):
+    """A signature first called without gradients gets the inference kernel (y alone), which the fast path runs: y
+    bit for bit the forward kernel's. A signature whose forward kernel is loaded (a training layer's) serves its
+    no-grad calls with that kernel and asks for no other."""
+    m = _group_norm()
+    x = torch.randn(SHAPE)
+    jobs = jobs_for(m, x, grad=False)
+    assert [job["role"] for job in jobs] == ["inference", "native"]
+    assert not precompile(m, x, grad=False, progress=False)["failed"]
+    policy.clear()
+    with torch.no_grad():
+        for _ in range(3):
+            y = m(x)
+    assert _fast(m) == 1
+    (kernel,) = policy._kernels.values()
+    assert kernel.entries["inference"].__class__ is store.Loaded and "forward" not in kernel.entries
+    y_forward = kernel.forward((x, m.weight, m.bias, None, None, None))[0]  # the store's forward kernel
+    assert torch.equal(y, y_forward)
+    torch.testing.assert_close(y, nn.functional.group_norm(x, 4, m.weight, m.bias))
+
+    policy.clear()
+    trained = _group_norm()
+    _warm(trained, x.requires_grad_(), torch.randn(SHAPE))
+    requested = policy.info()["store_requested"]
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(trained(x), y)
+    (kernel,) = policy._kernels.values()
+    assert "inference" not in kernel.entries and policy.info()["store_requested"] == requested
 
 
 @pytest.mark.native

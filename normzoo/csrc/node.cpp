@@ -201,14 +201,14 @@ std::string env(const char* name) {
   return value == nullptr ? std::string("\x01unset") : std::string(value);
 }
 
-// A layer's calls whose exact signature was served by store kernels before: the forward kernel, and per set of needed
-// gradients the node, called with no Python in between. A miss (returns None) sends the call the Python way, which
+// A layer's calls whose exact signature was served by store kernels before: the inference kernel (y alone), and per
+// set of needed gradients the node, called with no Python in between. A miss (returns None) sends the call the Python way, which
 // teaches the fast path what served it (normzoo.policy.run).
 struct FastPath {
   struct Entry {
     Signature x, weight, bias, running_mean, running_var;  // the running statistics of a BatchNorm in eval, read only
-    bool inference;
-    std::shared_ptr<Loader> forward;
+    bool inference_mode;
+    std::shared_ptr<Loader> inference;  // the y-only kernel, for calls that need no gradient (null: not taught yet)
     std::array<c10::intrusive_ptr<Kernels>, 8> nodes;  // by needs: x | weight << 1 | bias << 2
   };
   static constexpr size_t kMaxEntries = 16;  // signatures kept per layer (batch sizes in turn, say)
@@ -219,9 +219,9 @@ struct FastPath {
 
   std::shared_ptr<Entry> find(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-                              const std::optional<at::Tensor>& running_var, bool inference) {
+                              const std::optional<at::Tensor>& running_var, bool inference_mode) {
     for (const auto& e : entries) {
-      if (e->inference == inference && e->x.matches(x) && e->weight.matches(weight) && e->bias.matches(bias) &&
+      if (e->inference_mode == inference_mode && e->x.matches(x) && e->weight.matches(weight) && e->bias.matches(bias) &&
           e->running_mean.matches(running_mean) && e->running_var.matches(running_var)) {
         return e;
       }
@@ -262,28 +262,30 @@ struct FastPath {
       if (!node) return std::nullopt;
       return apply_node(x, weight, bias, running_mean, running_var, node);
     }
+    if (!e->inference) return std::nullopt;  // no y-only kernel taught yet: the Python way asks for it
     std::vector<at::Tensor> inputs{x};
     for (const auto* t : {&weight, &bias, &running_mean, &running_var}) add(inputs, *t);
-    return e->forward->run(inputs)[0];
+    return e->inference->run(inputs)[0];
   }
 
   void learn(const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
              const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-             const std::string& forward, const std::vector<std::pair<std::array<bool, 3>, Node*>>& nodes) {
+             const std::string& inference, const std::vector<std::pair<std::array<bool, 3>, Node*>>& nodes) {
     std::lock_guard<std::mutex> guard(mutex);
     if (!current()) {
       seen_epoch = epoch.load();
       env_compile = env("NORMZOO_COMPILE");
       env_dynamic = env("NORMZOO_DYNAMIC_BATCH");
     }
-    bool inference = c10::InferenceMode::is_enabled();
-    auto e = find(x, weight, bias, running_mean, running_var, inference);
+    bool inference_mode = c10::InferenceMode::is_enabled();
+    auto e = find(x, weight, bias, running_mean, running_var, inference_mode);
     if (!e) {
       if (entries.size() >= kMaxEntries) entries.erase(entries.begin());
       e = std::make_shared<Entry>(Entry{Signature(x), Signature(weight), Signature(bias), Signature(running_mean),
-                                        Signature(running_var), inference, load(forward), {}});
+                                        Signature(running_var), inference_mode, nullptr, {}});
       entries.push_back(e);
     }
+    if (!inference.empty()) e->inference = load(inference);
     for (const auto& [needs, node] : nodes) {
       e->nodes[(needs[0] ? 1 : 0) | (needs[1] ? 2 : 0) | (needs[2] ? 4 : 0)] = node->kernels;
     }
