@@ -91,8 +91,10 @@ def build_jobs(jobs: list[dict], progress: bool = True, stream=None) -> dict:
 def precompile(model: torch.nn.Module, *example_inputs, grad: bool = True, progress: bool = True) -> dict:
     """Build into the kernel store (NORMZOO_KERNEL_DIR) every kernel `model` needs on inputs like these.
 
-    Kernels serve every batch size (and, for layer norms, every sequence length) of the shapes given; a spatial size
-    is part of a kernel, so give one example per resolution you will run. Returns {"kernels", "built", "stored",
+    grad=True: the forward and backward kernels of a training step (which serve calls without gradients too);
+    grad=False: the inference kernels (y alone), for a process that only runs the model without gradients. Kernels
+    serve every batch size (and, for layer norms, every sequence length) of the shapes given; a spatial size is part
+    of a kernel, so give one example per resolution you will run. Returns {"kernels", "built", "stored",
     "busy", "failed", "kernel_dir", "seconds"}; "failed" maps kernel keys to their errors.
     """
     if not store.writable():
