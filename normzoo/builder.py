@@ -113,9 +113,7 @@ def _example(arg: dict) -> torch.Tensor:
 
 def build(job: dict, root: Path | None = None) -> Path:
     """Export, compile and commit the job's kernel; returns its package in the store."""
-    from torch._inductor import inductor_prims  # noqa: F401  (registers the op engine.stored uses)
-
-    engine.STORE_OP = torch.ops.prims.inductor_force_stride_order
+    engine.load_ops()  # Inductor's op engine.stored uses
     present = [a for a in job["args"] if a is not None]
     examples = tuple(_example(a) for a in present)
     dims: dict[int, torch.export.Dim] = {}  # x's dim -> its Dim, shared by every argument with that dim symbolic

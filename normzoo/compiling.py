@@ -452,15 +452,10 @@ def _first_call(compiled: _Compiled, static: tuple, tensors: tuple):
 def kernel_for(spec: engine.NormSpec, dims: tuple[int, ...]) -> "_Kernel":
     """An in-memory kernel for a spec and shape policy, outside the signature cache (normzoo.policy's fallback for
     kernels the store cannot serve)."""
-    _load_store_op()
+    engine.load_ops()
     return _Kernel(spec, dims)
 
 
-def _load_store_op() -> None:
-    if engine.STORE_OP is None:  # loaded with Inductor, so not at normzoo's import
-        from torch._inductor import inductor_prims  # noqa: F401  (registers the op)
-
-        engine.STORE_OP = torch.ops.prims.inductor_force_stride_order
 
 
 def _new_kernel(key, spec, dims) -> "_Kernel":
@@ -469,7 +464,7 @@ def _new_kernel(key, spec, dims) -> "_Kernel":
     with _state.lock:
         kernel = _state.kernels.get(key)
         if kernel is None:
-            _load_store_op()
+            engine.load_ops()
             kernel = _state.kernels[key] = _Kernel(spec, dims)
             kernel.cache_key = key
             while len(_state.kernels) > max_cache_size():

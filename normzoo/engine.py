@@ -355,7 +355,9 @@ def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, m
     if spec.batch:  # one set per channel over (N, S): shifted by the first elements of sample 0
         shift = _first_mean(rows[:1], cd)  # (1, C, 1)
         s1, s2 = _shifted_sums(rows, shift, _forward_channel_sums)
-        mean_d, var = _moments_from_sums(s1.sum(0, keepdim=True), s2.sum(0, keepdim=True), N * S)
+        # stored: traced for autograd (a user's torch.compile), their gradients are buffers too, not a float64 chain
+        # inlined into the dx loop
+        mean_d, var = _moments_from_sums(stored(s1.sum(0, keepdim=True)), stored(s2.sum(0, keepdim=True)), N * S)
         if spec.momentum is not None and running_mean is not None and running_var is not None:
             _update_running(spec, N * S, shift + mean_d, var, running_mean, running_var, momentum)
         affine = (1, C) + (1,) * (x.dim() - 2)
@@ -396,8 +398,7 @@ def _per_channel(spec: NormSpec, x: Tensor, shift: Tensor, mean_d: Tensor, var: 
     return stored(expand(shift)), stored(expand(mean_d.to(cd))), stored(expand(torch.rsqrt(var + spec.eps).to(cd)))
 
 
-# Set by normzoo.compiling once Inductor is loaded: torch.ops.prims.inductor_force_stride_order.
-STORE_OP = None
+_ops_ready = False  # set by load_ops(), with Inductor (so not at normzoo's import)
 
 
 def stored(t: Tensor, like: Tensor | None = None) -> Tensor:
@@ -407,20 +408,64 @@ def stored(t: Tensor, like: Tensor | None = None) -> Tensor:
     libm's errno semantics the compiler cannot hoist the rsqrt and divisions out of it: they would run once per
     element vector. Forcing a layout realizes the buffer (contiguous, or with the strides of `like`). Eagerly
     this is the identity.
+
+    A tensor autograd differentiates (a user's torch.compile traces the differentiable engine, BatchNorm training)
+    goes through normzoo::realized: Inductor's op once Inductor decomposes it (load_ops), with a derivative that
+    realizes the incoming gradient too, so that the backward's per-channel terms are also computed once. Not under
+    torch.export: an exported program must not need normzoo's ops.
     """
-    # not on a tensor autograd differentiates (a user's torch.compile traces the differentiable engine): the op
-    # has no derivative
-    if torch.compiler.is_compiling() and not (torch.is_grad_enabled() and t.requires_grad) and _store_op_loaded():
-        return torch.ops.prims.inductor_force_stride_order(
-            t, like.stride() if like is not None else _contiguous_strides(t.shape))
+    if torch.compiler.is_compiling() and _ops_loaded():
+        strides = like.stride() if like is not None else _contiguous_strides(t.shape)
+        if not (torch.is_grad_enabled() and t.requires_grad):
+            return torch.ops.prims.inductor_force_stride_order(t, strides)
+        if not torch.compiler.is_exporting():
+            return torch.ops.normzoo.realized(t, strides)
     return t
 
 
+@torch.library.custom_op("normzoo::realized", mutates_args=())
+def _realized(t: Tensor, strides: list[int]) -> Tensor:
+    """t as a buffer of these strides. Inductor computes Inductor's op in its place (load_ops); any other backend
+    runs this copy."""
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+
+@_realized.register_fake
+def _(t: Tensor, strides: list[int]) -> Tensor:
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
+
+
+def _realized_setup(ctx, inputs, output) -> None:
+    ctx.strides = inputs[1]
+
+
+def _realized_backward(ctx, grad: Tensor):
+    return torch.ops.normzoo.realized(grad, ctx.strides), None
+
+
+_realized.register_autograd(_realized_backward, setup_context=_realized_setup)
+
+
+def load_ops() -> None:
+    """Load Inductor's op and have Inductor decompose normzoo::realized into it (the decomposition table Inductor
+    hands AOTAutograd, which applies it below autograd, so the op's derivative still holds)."""
+    global _ops_ready
+    if _ops_ready:
+        return
+    from torch._inductor import decomposition, inductor_prims  # noqa: F401  (inductor_prims registers the op)
+
+    # the table and the copy of it Inductor caches at its first compile in the process (select_decomp_table)
+    for table in (decomposition.decompositions, decomposition.select_decomp_table()):
+        table.setdefault(torch.ops.normzoo.realized.default, torch.ops.prims.inductor_force_stride_order.default)
+    _ops_ready = True
+
+
 @torch._dynamo.assume_constant_result
-def _store_op_loaded() -> bool:
-    """Whether STORE_OP is set, read as a constant of the trace: a guard on STORE_OP would recompile a user's graph
-    traced before normzoo first loaded Inductor's op."""
-    return STORE_OP is not None
+def _ops_loaded() -> bool:
+    """load_ops(), read as a constant of the trace (a guard on _ops_ready would recompile a user's graph traced
+    before it was set)."""
+    load_ops()
+    return True
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:

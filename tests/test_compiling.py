@@ -290,6 +290,45 @@ def test_user_compile_backward_of_inline_batch_norm_has_no_shift_path():
         torch.testing.assert_close(bz, br, msg=lambda m: f"{name}: {m}")
 
 
+def test_user_compile_computes_inline_batch_norm_coefficients_and_their_gradients_once(no_graph_caches):
+    """BatchNorm training inside a user's torch.compile traces the engine inline (it updates its running buffers).
+    Its per-channel coefficients, and the gradients of its per-channel sums, are buffers (engine.stored through
+    normzoo::realized, which Inductor decomposes into its own op): the loops over the positions compute no rsqrt
+    or division per element vector, no normzoo op is called at run time, AOTAutograd still caches the graph, and
+    the values are the float64 oracle's at a mean of 1e3."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    zoo = normzoo.BatchNorm2d(16)
+    with torch.no_grad():
+        zoo.weight.normal_()
+        zoo.bias.normal_()
+    ref = nn.BatchNorm2d(16).double()
+    ref.load_state_dict(zoo.state_dict())
+    x = (torch.randn(4, 16, 8, 8) * 2 + 1e3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    dy = torch.randn(4, 16, 8, 8)
+    bypass = counters["aot_autograd"]["autograd_cache_bypass"]
+    compiled = torch.compile(zoo, fullgraph=True)
+    (y, *grads), codes = run_and_get_code(lambda: (lambda y: (y,) + torch.autograd.grad(
+        y, (x, zoo.weight, zoo.bias), dy))(compiled(x)))
+    assert counters["aot_autograd"]["autograd_cache_bypass"] == bypass
+    assert not any("normzoo.realized" in code for code in codes)
+    quotes = "'" * 3  # around each kernel's C++ source in Inductor's output code
+    kernels = [kernel.split(quotes)[0] for code in codes for kernel in code.split("r" + quotes)[1:]]
+    loops = [loop for kernel in kernels for loop in kernel.split("#pragma omp for")[1:]]
+    over_positions = [loop for loop in loops if "<static_cast<int64_t>(256L)" in loop.split("\n")[1]]
+    assert len(over_positions) == 2, kernels  # the normalize, and dx
+    for loop in over_positions:
+        assert "sqrt" not in loop and " / " not in loop, loop
+    x64 = x.detach().double().requires_grad_()
+    y64 = ref(x64)
+    want = torch.autograd.grad(y64, (x64, ref.weight, ref.bias), dy.double())
+    for got, expected in zip([y] + grads, [y64] + list(want)):
+        assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 2e-6
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(zoo, name).double(), getattr(ref, name), rtol=1e-6, atol=1e-6)
+
+
 _THREADS_CHILD = """
 import json, sys, torch, normzoo
 from torch._dynamo.utils import counters
