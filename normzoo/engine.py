@@ -358,7 +358,7 @@ def statistics(spec: NormSpec, x: Tensor, running_mean=None, running_var=None, m
         # stored: traced for autograd (a user's torch.compile), their gradients are buffers too, not a float64 chain
         # inlined into the dx loop
         mean_d, var = _moments_from_sums(stored(s1.sum(0, keepdim=True)), stored(s2.sum(0, keepdim=True)), N * S)
-        if spec.momentum is not None and running_mean is not None and running_var is not None:
+        if updates_running(spec, running_mean):
             _update_running(spec, N * S, shift + mean_d, var, running_mean, running_var, momentum)
         affine = (1, C) + (1,) * (x.dim() - 2)
         return shift.reshape(affine), stored(mean_d.to(cd).reshape(affine)), stored(

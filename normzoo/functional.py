@@ -267,6 +267,10 @@ def _batch_norm_spec(shape, dtype, running_mean, running_var, weight, bias, trai
     _check_affine("weight", weight, (C,), "one per channel")
     _check_affine("bias", bias, (C,), "one per channel")
     if training:
+        if (running_mean is None) != (running_var is None):  # one buffer updated and not the other: refused, as torch
+            raise ValueError("batch_norm: running_mean and running_var must either both be None or neither be None, "
+                             f"got running_mean={'None' if running_mean is None else 'a tensor'} and "
+                             f"running_var={'None' if running_var is None else 'a tensor'}")
         _check_more_than_one_value(list(shape))
         if eps <= 0.0:  # as torch.nn.functional.batch_norm: zero-variance channels would give inf/NaN
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
@@ -274,7 +278,7 @@ def _batch_norm_spec(shape, dtype, running_mean, running_var, weight, bias, trai
         raise ValueError("batch_norm with training=False needs running_mean and running_var")
     if empty:  # torch leaves the running statistics alone on an empty batch
         return None
-    update = training and running_mean is not None and running_var is not None
+    update = training and running_mean is not None
     return NormSpec(groups=C, eps=float(eps), batch=True, batch_stats=training,
                     momentum=(0.0 if isinstance(momentum, str) and momentum == "tensor" else float(momentum))
                     if update else None,

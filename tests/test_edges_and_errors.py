@@ -207,6 +207,18 @@ def test_batchnorm_training_with_one_value_per_channel():
     normzoo.BatchNorm1d(8, compile=False).eval()(torch.randn(1, 8))  # fine in eval, as in torch
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_batch_norm_training_with_one_running_buffer_is_refused_as_in_torch(compile):
+    """A running mean without a running variance (or the reverse) in training: torch refuses it; before, normzoo
+    left the given buffer silently un-updated."""
+    x = torch.randn(4, 3, 5, 5)
+    for running_mean, running_var in ((torch.zeros(3), None), (None, torch.ones(3))):
+        with pytest.raises(ValueError, match="must either both be None or neither be None"):
+            torch.nn.functional.batch_norm(x, running_mean, running_var, training=True)
+        with pytest.raises(ValueError, match="must either both be None or neither be None"):
+            NF.batch_norm(x, running_mean, running_var, training=True, compile=compile)
+
+
 def test_instance_norm_refuses_running_statistics():
     with pytest.raises(ValueError, match="only BatchNorm keeps them"):
         NF.instance_norm(torch.randn(2, 4, 5), torch.zeros(4), torch.ones(4))
