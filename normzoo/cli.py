@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="example batch size (kernels serve every size >= 2)")
     p.add_argument("--dtype", nargs="+", default=["float32"], help="dtypes, e.g. float32 bfloat16")
     p.add_argument("--layout", nargs="+", choices=["contiguous", "channels_last"], default=["contiguous"])
-    p.add_argument("--no-grad", dest="grad", action="store_false", help="inference kernels only (y alone: for calls without gradients)")
+    p.add_argument("--no-grad", dest="grad", action="store_false",
+                   help="inference kernels only (y alone: for calls without gradients)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_precompile)
     return parser

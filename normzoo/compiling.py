@@ -456,8 +456,6 @@ def kernel_for(spec: engine.NormSpec, dims: tuple[int, ...]) -> "_Kernel":
     return _Kernel(spec, dims)
 
 
-
-
 def _new_kernel(key, spec, dims) -> "_Kernel":
     """A signature seen for the first time: one kernel object, even when several threads meet it at once (its
     graphs compile on first use, under the same lock)."""

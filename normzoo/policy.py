@@ -214,7 +214,7 @@ class StoreKernel:
         while it is being built."""
         entry = self.entries.get(role)
         if entry.__class__ is store.Loaded and self.dense:  # the steady state, with the least Python
-            return entry([t for t in tensors if t is not None])
+            return tuple(entry([t for t in tensors if t is not None]))
         given, tensors = tensors, tuple(_dense(t) for t in tensors)
         if self.dense is None:  # the kernel's key fixes the arguments' layouts: whether they need a copy is fixed too
             self.dense = all(a is b for a, b in zip(given, tensors))
@@ -222,7 +222,7 @@ class StoreKernel:
         if isinstance(entry, store.Loaded):
             if self.dense and native.enabled():  # the layers' fast path needs the extension, forwards alone too
                 native.module(background.submit, background.results)
-            return entry([t for t in tensors if t is not None])
+            return tuple(entry([t for t in tensors if t is not None]))
         if entry is _FALLBACK:
             return self._in_memory().forward(tensors)  # (y first, as the inference kernel's)
         return None

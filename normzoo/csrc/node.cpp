@@ -201,14 +201,15 @@ std::string env(const char* name) {
   return value == nullptr ? std::string("\x01unset") : std::string(value);
 }
 
-// A layer's calls whose exact signature was served by store kernels before: the inference kernel (y alone), and per
-// set of needed gradients the node, called with no Python in between. A miss (returns None) sends the call the Python way, which
-// teaches the fast path what served it (normzoo.policy.run).
+// A layer's calls whose exact signature was served by store kernels before: the kernel for calls without gradients
+// (the inference kernel, y alone, or the forward kernel where that serves them), and per set of needed gradients the
+// node, called with no Python in between. A miss (returns None) sends the call the Python way, which teaches the fast
+// path what served it (normzoo.policy.run).
 struct FastPath {
   struct Entry {
     Signature x, weight, bias, running_mean, running_var;  // the running statistics of a BatchNorm in eval, read only
     bool inference_mode;
-    std::shared_ptr<Loader> inference;  // the y-only kernel, for calls that need no gradient (null: not taught yet)
+    std::shared_ptr<Loader> inference;  // the kernel for calls that need no gradient (null: not taught yet)
     std::array<c10::intrusive_ptr<Kernels>, 8> nodes;  // by needs: x | weight << 1 | bias << 2
   };
   static constexpr size_t kMaxEntries = 16;  // signatures kept per layer (batch sizes in turn, say)
@@ -221,8 +222,8 @@ struct FastPath {
                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
                               const std::optional<at::Tensor>& running_var, bool inference_mode) {
     for (const auto& e : entries) {
-      if (e->inference_mode == inference_mode && e->x.matches(x) && e->weight.matches(weight) && e->bias.matches(bias) &&
-          e->running_mean.matches(running_mean) && e->running_var.matches(running_var)) {
+      if (e->inference_mode == inference_mode && e->x.matches(x) && e->weight.matches(weight) &&
+          e->bias.matches(bias) && e->running_mean.matches(running_mean) && e->running_var.matches(running_var)) {
         return e;
       }
     }
@@ -262,7 +263,7 @@ struct FastPath {
       if (!node) return std::nullopt;
       return apply_node(x, weight, bias, running_mean, running_var, node);
     }
-    if (!e->inference) return std::nullopt;  // no y-only kernel taught yet: the Python way asks for it
+    if (!e->inference) return std::nullopt;  // none taught yet: the Python way asks for it
     std::vector<at::Tensor> inputs{x};
     for (const auto* t : {&weight, &bias, &running_mean, &running_var}) add(inputs, *t);
     return e->inference->run(inputs)[0];
