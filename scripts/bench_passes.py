@@ -91,7 +91,7 @@ def generated_code(fn, *args) -> list[str]:
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
-    compiling._load_store_op()
+    engine.load_ops()
     # as normzoo compiles (dynamic threads: the omp pragmas are emitted), and with the graph caches off: a graph
     # loaded from them would come without its code
     with inductor_config.patch({"cpp.dynamic_threads": True, "fx_graph_cache": False}), \
