@@ -195,19 +195,23 @@ class StoreKernel:
         alone, no statistics to write out (a small input's call is 1-3 us shorter). One whose forward kernel is
         loaded (a training layer's no-grad calls) takes the forward's y, and no further kernel is built for it.
         While the inference kernel is being built: the forward's y where that is loaded, else the eager engine's."""
-        if self.entries.get("inference") is None and self.entries.get("forward").__class__ is store.Loaded:
+        if self._forward_serves_no_grad():
             return self.forward(tensors)[0]
         out = self._run("inference", tensors)
         if out is None:
             out = self._run("forward", tensors) if self.entries.get("forward").__class__ is store.Loaded else None
         return (out if out is not None else self._eager(tensors))[0]
 
+    def _forward_serves_no_grad(self) -> bool:
+        """Whether the loaded forward kernel serves the no-grad calls: no inference kernel was asked for first."""
+        return self.entries.get("inference") is None and self.entries.get("forward").__class__ is store.Loaded
+
     def no_grad_package(self) -> str:
         """The package infer() runs for good ("": none yet), for the layers' fast path."""
-        inference, forward = self.entries.get("inference"), self.entries.get("forward")
-        if inference.__class__ is store.Loaded:
-            return str(inference.package)
-        return str(forward.package) if inference is None and forward.__class__ is store.Loaded else ""
+        if self._forward_serves_no_grad():
+            return str(self.entries["forward"].package)
+        inference = self.entries.get("inference")
+        return str(inference.package) if inference.__class__ is store.Loaded else ""
 
     def _run(self, role: str, tensors: tuple):
         """The outputs of the role's kernel (loaded, or compiled in memory where the store cannot serve it), or None
