@@ -669,16 +669,15 @@ def backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, sh
     `sum_dim`), then one elementwise pass: dx = rstd * (dy' - mean(dy') - xhat * mean(dy' * xhat)), means over each
     normalized set, dy' = dy * weight (and the activation's derivative).
     """
+    if _blocked_row_pass(spec, needs, x, weight, bias):
+        return _layer_backward_blocked(spec, needs, x, weight, bias, shift, mean_d, rstd, dy)
     cd = compute_dtype(x.dtype)
     w, b = _affine_view(spec, x, weight, cd), _affine_view(spec, x, bias, cd)
     # x - shift, spelled differently from the forward's: if AOTAutograd's CSE merged the two, its partitioner
     # would save this full-size difference for the backward (an extra write in the forward) instead of x
     xc = x.to(cd) + (-shift.to(cd))
     xhat = (xc - mean_d) * rstd
-    g = dy.to(cd)
-    if spec.activation is not None:  # through the activation, recomputing its input
-        pre = xhat if w is None else xhat * w
-        g = g * ACTIVATION_GRADS[spec.activation](pre if b is None else pre + b)
+    g = _through_activation(spec, dy.to(cd), xhat, w, b)
     r, m = rstd, mean_d
     needs_x, needs_w, needs_b = needs
     dx = dweight = dbias = None
@@ -766,6 +765,112 @@ def backward(spec: NormSpec, needs: tuple[bool, bool, bool], x, weight, bias, sh
         dx = stored(dx.to(x.dtype), like=x)
     dweight = None if dweight is None else dweight.to(weight.dtype)
     dbias = None if dbias is None else dbias.to(bias.dtype)
+    return dx, dweight, dbias
+
+
+def _through_activation(spec: NormSpec, g: Tensor, xhat: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+    """dy (in the compute dtype) through the fused activation's derivative, recomputing its input."""
+    if spec.activation is None:
+        return g
+    pre = xhat if w is None else xhat * w
+    return g * ACTIVATION_GRADS[spec.activation](pre if b is None else pre + b)
+
+
+# Rows per block of the blocked layer-norm backward (_layer_backward_blocked); its rows are split in as many column
+# chunks, so it serves rows of a multiple of ROW_BLOCK * 16 elements (whole vectors per chunk).
+ROW_BLOCK = 16
+
+
+def _blocked_row_pass(spec: NormSpec, needs, x: Tensor, weight, bias) -> bool:
+    """Whether Inductor compiles this layer norm's backward as _layer_backward_blocked: no fused activation, rows
+    contiguous in memory and flattenable into one (rows, n) view, n a multiple of ROW_BLOCK * 16, and a weight or
+    bias gradient to sum."""
+    if not (torch.compiler.is_compiling() and spec.groups is None and spec.activation is None and x.numel() > 0):
+        return False  # (with a fused activation, Inductor writes dy' out in full: the dy' * act'(pre) it reads thrice)
+    if not ((weight is not None and needs[1]) or (bias is not None and needs[2])):
+        return False  # no column sums: the one row pass (below) already reads x and dy once
+    rows = _layer_rows_view(spec, x)
+    return rows is not None and rows.shape[-1] % (ROW_BLOCK * 16) == 0 and rows.is_contiguous()
+
+
+def _layer_backward_blocked(spec: NormSpec, needs, x, weight, bias, shift, mean_d, rstd, dy):
+    """backward() of a layer norm in one pass over x and dy: the weight and bias column sums computed while each
+    block of ROW_BLOCK rows is in cache, with the row sums and dx.
+
+    Inductor fuses loop nests over the same outer loops (its outer-loop fusion), and a producer into a consumer only
+    where the consumer reads what the producer wrote at the same index. So every nest here loops over (block, i),
+    i < ROW_BLOCK: the rows are gathered into (blocks, ROW_BLOCK, n), and each block's column sums are taken in
+    ROW_BLOCK chunks of n / ROW_BLOCK columns, chunk i at step i. Exact zeros tie the nests in a chain: each step's
+    column partials -> a zero from them (an amax over the chunk) -> that row's sums -> its coefficients -> its dx.
+    A zero read from one value per block (or per (block, chunk)) keeps Inductor from merging the (block, i) loops
+    into one (its loop simplification merges dims that every index reads linearly).
+
+    The rows are padded to whole blocks, plus one, by repeating the last row (a clamped gather: plain loads, where
+    zero padding masks every load); the repeats are left out of the column sums (torch.where) and of dx (a view of
+    the first rows). Measured on an AVX-512 Xeon (lscpu model 167), the backward's package against ATen's kernel,
+    interleaved in one process, LayerNorm(768) on 8x197x768: 1 thread 1.48 -> 1.07 ms (ATen 0.82), 2 threads 0.68 ->
+    0.56 ms (ATen 0.53).
+    """
+    cd = compute_dtype(x.dtype)
+    rows = _layer_rows_view(spec, x)
+    n = rows.shape[-1]
+
+    def flat(t: Tensor) -> Tensor:  # (R, n), or (R, 1) for a per-row statistic
+        t = _layer_rows(spec, t)[0]
+        return t.reshape(-1, t.shape[-1])
+
+    x_rows = rows.reshape(-1, n)
+    R = x_rows.shape[0]
+    blocks = R // ROW_BLOCK + 2  # at least 2 for any row count, so no guard tells 1 block apart
+    P = blocks * ROW_BLOCK
+    position = torch.arange(P, device=x.device)
+    valid = (position < R).view(blocks, ROW_BLOCK, 1)
+    last_row = position.clamp(max=R - 1)
+
+    def gathered(t: Tensor) -> Tensor:  # (R, n) -> (blocks, ROW_BLOCK, n), the last row repeated past R
+        return t[last_row].view(blocks, ROW_BLOCK, n)
+
+    def padded(t: Tensor) -> Tensor:  # a per-row statistic (R, 1) -> (blocks, ROW_BLOCK, 1), zeros past R
+        return F.pad(t.to(cd), [0, 0, 0, P - R]).view(blocks, ROW_BLOCK, 1)
+
+    xb, dyb = gathered(x_rows), gathered(flat(dy))
+    sb, mb, rb = (padded(flat(t)) for t in (shift, mean_d, rstd))
+    per_block = _exact_zero(sb[:, :1], cd)  # (blocks, 1, 1)
+    per_chunk = _exact_zero(sb, cd).view(blocks, 1, ROW_BLOCK, 1)  # (blocks, chunk)
+    w = None if weight is None else weight.to(cd).reshape(n)
+    b = None if bias is None else bias.to(cd).reshape(n)
+    xc = xb.to(cd) + (-sb)
+    xhat = (xc - mb) * rb
+    g = _through_activation(spec, dyb.to(cd), xhat, w, b)
+    h = n // ROW_BLOCK
+
+    def partials(t: Tensor) -> Tensor:  # (blocks, chunk, h): each chunk's sums over its block's rows
+        return (t.view(blocks, ROW_BLOCK, ROW_BLOCK, h) + per_chunk).sum(1)
+
+    # the repeated rows add exact zeros: their dy' is selected away, and their xhat is (x - 0 - 0) * 0 (a non-finite
+    # x makes the whole weight gradient NaN in any case)
+    g_sums = torch.where(valid, g, 0)
+    sums = {}
+    if weight is not None and needs[1]:
+        sums["weight"] = partials(g_sums * xhat)
+    if bias is not None and needs[2]:
+        sums["bias"] = partials(g_sums)
+    tie = sum(_exact_zero(t, cd) for t in sums.values())
+    tie = (tie + per_block).amax(-1, keepdim=True) + per_block  # (blocks, ROW_BLOCK, 1)
+    gw = g if w is None else g * w
+    a = (gw + tie).sum(-1, keepdim=True).to(STATS_DTYPE)
+    c = (gw * xc + tie).sum(-1, keepdim=True).to(STATS_DTYPE) - mb * a
+    k1, k0 = _dx_coefficients(rb, mb, a, c, n, cd, spec.center, keep=False)
+    k1, k0 = (_per_row(k + per_block, xb) for k in (k1, k0))
+    dx = dweight = dbias = None
+    if needs[0]:
+        dx = (gw * rb + (xc * k1 + (k0 + per_block))).to(x.dtype)
+        dx = stored(dx).view(P, n)[:R].reshape(rows.shape)
+        dx = stored(_from_layer_rows(spec, dx, x), like=x)
+    if "weight" in sums:
+        dweight = sums["weight"].to(STATS_DTYPE).sum(0).reshape(weight.shape).to(weight.dtype)
+    if "bias" in sums:
+        dbias = sums["bias"].to(STATS_DTYPE).sum(0).reshape(bias.shape).to(bias.dtype)
     return dx, dweight, dbias
 
 
