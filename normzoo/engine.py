@@ -777,15 +777,19 @@ def _through_activation(spec: NormSpec, g: Tensor, xhat: Tensor, w: Tensor | Non
 
 
 # Rows per block of the blocked layer-norm backward (_layer_backward_blocked); its rows are split in as many column
-# chunks, so it serves rows of a multiple of ROW_BLOCK * 16 elements (whole vectors per chunk).
+# chunks, so it serves rows of a multiple of ROW_BLOCK * 16 elements (whole float32 vectors per chunk). float32 only:
+# in bfloat16 the second read of x and dy costs half as much, and the blocked pass measured slower (AVX-512 Xeon, the
+# packages interleaved: LayerNorm(512) on 8x256x512 1.01 -> 1.05 ms at 1 thread, 0.57 -> 0.60 ms at 2; LayerNorm(768),
+# whose 48-element chunks are a 32-element bfloat16 vector and a masked tail, 1.13 -> 1.32 ms and 0.61 -> 0.75 ms).
 ROW_BLOCK = 16
 
 
 def _blocked_row_pass(spec: NormSpec, needs, x: Tensor, weight, bias) -> bool:
-    """Whether Inductor compiles this layer norm's backward as _layer_backward_blocked: no fused activation, rows
-    contiguous in memory and flattenable into one (rows, n) view, n a multiple of ROW_BLOCK * 16, and a weight or
+    """Whether Inductor compiles this layer norm's backward as _layer_backward_blocked: float32, no fused activation,
+    rows contiguous in memory and flattenable into one (rows, n) view, n a multiple of ROW_BLOCK * 16, and a weight or
     bias gradient to sum."""
-    if not (torch.compiler.is_compiling() and spec.groups is None and spec.activation is None and x.numel() > 0):
+    if not (torch.compiler.is_compiling() and spec.groups is None and spec.activation is None
+            and x.dtype == torch.float32 and x.numel() > 0):
         return False  # (with a fused activation, Inductor writes dy' out in full: the dy' * act'(pre) it reads thrice)
     if not ((weight is not None and needs[1]) or (bias is not None and needs[2])):
         return False  # no column sums: the one row pass (below) already reads x and dy once
@@ -805,11 +809,12 @@ def _layer_backward_blocked(spec: NormSpec, needs, x, weight, bias, shift, mean_
     A zero read from one value per block (or per (block, chunk)) keeps Inductor from merging the (block, i) loops
     into one (its loop simplification merges dims that every index reads linearly).
 
-    The rows are padded to whole blocks, plus one, by repeating the last row (a clamped gather: plain loads, where
+    The rows are padded to R // ROW_BLOCK + 2 blocks by repeating the last row (a clamped gather: plain loads, where
     zero padding masks every load); the repeats are left out of the column sums (torch.where) and of dx (a view of
-    the first rows). Measured on an AVX-512 Xeon (lscpu model 167), the backward's package against ATen's kernel,
-    interleaved in one process, LayerNorm(768) on 8x197x768: 1 thread 1.48 -> 1.07 ms (ATen 0.82), 2 threads 0.68 ->
-    0.56 ms (ATen 0.53).
+    the first rows). Measured on an AVX-512 Xeon (lscpu model 167), the backward's kernel-store package of the old and
+    new code and ATen's kernel, interleaved in one process, LayerNorm(768) on 8x197x768: 1 thread 1.19 -> 0.96 ms
+    (ATen 0.75), 2 threads 0.68 -> 0.57 ms (ATen 0.51); more shapes in the README ("LayerNorm backward: in one
+    pass").
     """
     cd = compute_dtype(x.dtype)
     rows = _layer_rows_view(spec, x)
