@@ -804,14 +804,17 @@ def _layer_backward_blocked(spec: NormSpec, needs, x, weight, bias, shift, mean_
     Inductor fuses loop nests over the same outer loops (its outer-loop fusion), and a producer into a consumer only
     where the consumer reads what the producer wrote at the same index. So every nest here loops over (block, i),
     i < ROW_BLOCK: the rows are gathered into (blocks, ROW_BLOCK, n), and each block's column sums are taken in
-    ROW_BLOCK chunks of n / ROW_BLOCK columns, chunk i at step i. Exact zeros tie the nests in a chain: each step's
-    column partials -> a zero from them (an amax over the chunk) -> that row's sums -> its coefficients -> its dx.
+    ROW_BLOCK chunks of n / ROW_BLOCK columns, chunk i at step i. The chunks are the previous block's: those rows
+    are in cache since that block's row passes, so that the row passes alone read memory, row after row (with the
+    block's own rows, the first steps read every row's chunk from memory, ROW_BLOCK short strided reads that the
+    prefetchers do not follow). Exact zeros tie the nests in a chain: each step's column partials -> a zero from them
+    (an amax over the chunk) -> that row's sums -> its coefficients -> its dx.
     A zero read from one value per block (or per (block, chunk)) keeps Inductor from merging the (block, i) loops
     into one (its loop simplification merges dims that every index reads linearly).
 
     The rows are padded to R // ROW_BLOCK + 2 blocks by repeating the last row (a clamped gather: plain loads, where
-    zero padding masks every load); the repeats are left out of the column sums (torch.where) and of dx (a view of
-    the first rows). Measured on an AVX-512 Xeon (lscpu model 167), the backward's kernel-store package of the old and
+    zero padding masks every load), and the previous block's rows likewise, the first row repeated before the start;
+    the repeats are left out of the column sums (torch.where) and of dx (a view of the first rows). Measured on an AVX-512 Xeon (lscpu model 167), the backward's kernel-store package of the old and
     new code and ATen's kernel, interleaved in one process, LayerNorm(768) on 8x197x768: 1 thread 1.19 -> 0.96 ms
     (ATen 0.75), 2 threads 0.68 -> 0.57 ms (ATen 0.51); more shapes in the README ("LayerNorm backward: in one
     pass").
@@ -829,17 +832,19 @@ def _layer_backward_blocked(spec: NormSpec, needs, x, weight, bias, shift, mean_
     blocks = R // ROW_BLOCK + 2  # at least 2 for any row count, so no guard tells 1 block apart
     P = blocks * ROW_BLOCK
     position = torch.arange(P, device=x.device)
-    valid = (position < R).view(blocks, ROW_BLOCK, 1)
-    last_row = position.clamp(max=R - 1)
+    before = position - ROW_BLOCK  # the rows of the previous block
+    valid_before = ((before >= 0) & (before < R)).view(blocks, ROW_BLOCK, 1)
 
-    def gathered(t: Tensor) -> Tensor:  # (R, n) -> (blocks, ROW_BLOCK, n), the last row repeated past R
-        return t[last_row].view(blocks, ROW_BLOCK, n)
+    def gathered(t: Tensor, at: Tensor) -> Tensor:  # (R, n) -> (blocks, ROW_BLOCK, n), rows `at` clamped into [0, R)
+        return t[at.clamp(min=0, max=R - 1)].view(blocks, ROW_BLOCK, n)
 
-    def padded(t: Tensor) -> Tensor:  # a per-row statistic (R, 1) -> (blocks, ROW_BLOCK, 1), zeros past R
-        return F.pad(t.to(cd), [0, 0, 0, P - R]).view(blocks, ROW_BLOCK, 1)
+    def padded(t: Tensor, front: int = 0) -> Tensor:  # a per-row statistic (R, 1) -> (blocks, ROW_BLOCK, 1), zeros
+        return F.pad(t.to(cd), [0, 0, front, P - R - front]).view(blocks, ROW_BLOCK, 1)  # where no row is
 
-    xb, dyb = gathered(x_rows), gathered(flat(dy))
-    sb, mb, rb = (padded(flat(t)) for t in (shift, mean_d, rstd))
+    dy_rows = flat(dy)
+    stats = [flat(t) for t in (shift, mean_d, rstd)]
+    xb, dyb = gathered(x_rows, position), gathered(dy_rows, position)
+    sb, mb, rb = (padded(t) for t in stats)
     per_block = _exact_zero(sb[:, :1], cd)  # (blocks, 1, 1)
     per_chunk = _exact_zero(sb, cd).view(blocks, 1, ROW_BLOCK, 1)  # (blocks, chunk)
     w = None if weight is None else weight.to(cd).reshape(n)
@@ -852,12 +857,15 @@ def _layer_backward_blocked(spec: NormSpec, needs, x, weight, bias, shift, mean_
     def partials(t: Tensor) -> Tensor:  # (blocks, chunk, h): each chunk's sums over its block's rows
         return (t.view(blocks, ROW_BLOCK, ROW_BLOCK, h) + per_chunk).sum(1)
 
-    # the repeated rows add exact zeros: their dy' is selected away, and their xhat is (x - 0 - 0) * 0 (a non-finite
-    # x makes the whole weight gradient NaN in any case)
-    g_sums = torch.where(valid, g, 0)
+    # the previous block's rows; the repeated ones add exact zeros: their dy' is selected away, and their xhat is
+    # (x - 0 - 0) * 0 (a non-finite x makes the whole weight gradient NaN in any case)
+    sp, mp, rp = (padded(t, front=ROW_BLOCK) for t in stats)
+    xhat_before = ((gathered(x_rows, before).to(cd) + (-sp)) - mp) * rp
+    g_before = _through_activation(spec, gathered(dy_rows, before).to(cd), xhat_before, w, b)
+    g_sums = torch.where(valid_before, g_before, 0)
     sums = {}
     if weight is not None and needs[1]:
-        sums["weight"] = partials(g_sums * xhat)
+        sums["weight"] = partials(g_sums * xhat_before)
     if bias is not None and needs[2]:
         sums["bias"] = partials(g_sums)
     tie = sum(_exact_zero(t, cd) for t in sums.values())

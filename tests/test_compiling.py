@@ -525,7 +525,8 @@ def test_layer_norm_backward_sums_columns_in_its_row_pass(case, no_graph_caches)
     """With a weight or bias gradient to sum, a layer norm's backward reads x and dy in one parallel loop nest
     (engine._layer_backward_blocked): each block's column sums, then its rows' sums and dx, while the block is in
     cache. The row count is symbolic (as the store builds kernels) and no multiple of the block: the repeated rows past
-    it add exact zeros, so an infinite dy in the last row gives torch's infinite dbias, not NaN. Gradients against the
+    the end and before the start add exact zeros, so an infinite dy in the last or the first row gives torch's
+    infinite dbias, not NaN. Gradients against the
     eager engine and the float64 oracle."""
     from torch._inductor.utils import run_and_get_code
 
@@ -558,7 +559,7 @@ def test_layer_norm_backward_sums_columns_in_its_row_pass(case, no_graph_caches)
         y64 = nn.functional.rms_norm(x64, (n,), w64, spec.eps) + b64
     for got, want in zip(grads, torch.autograd.grad(y64, (x64, w64, b64), dy.double())):
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < tol
-    dy[-1, -1, 0] = float("inf")
+    dy[-1, -1, 0], dy[0, 0, 1] = float("inf"), -float("inf")  # the rows repeated past the end and before the start
     dbias = fn(x, weight, bias, *stats, dy)[2]
-    assert dbias[0].item() == float("inf") and dbias[1:].isfinite().all()
-    torch.testing.assert_close(dbias[1:], grads[2][1:], rtol=0, atol=0)
+    assert dbias[0].item() == float("inf") and dbias[1].item() == -float("inf") and dbias[2:].isfinite().all()
+    torch.testing.assert_close(dbias[2:], grads[2][2:], rtol=0, atol=0)
