@@ -127,7 +127,7 @@ def build(job: dict, root: Path | None = None) -> Path:
         with tempfile.TemporaryDirectory(prefix="normzoo-build-") as tmp:
             package = torch._inductor.aoti_compile_and_package(
                 program, package_path=os.path.join(tmp, "kernel.pt2"),
-                inductor_configs={"cpp.dynamic_threads": True})
+                inductor_configs=dict(engine.INDUCTOR_CONFIGS))
             return store.commit(job["key"], job["fields"], Path(package), root)
 
 

@@ -171,9 +171,9 @@ class _Compiled:
         import torch._inductor.config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        # thread count read at run time, not baked into the kernel: a process with another thread count then
-        # finds the same kernels in Inductor's cache (its cache key leaves the thread count out in this mode)
-        with inductor_config.patch({"cpp.dynamic_threads": True}):
+        # (engine.INDUCTOR_CONFIGS: the thread count read at run time, so that a process with another thread count
+        # finds the same kernels in Inductor's cache, whose key leaves the thread count out in this mode; FMAs)
+        with inductor_config.patch(engine.INDUCTOR_CONFIGS):
             compiled = compile_fx(gm, example_inputs)
         getters = [self._getter(n) for n in gm.graph.nodes if n.op == "placeholder"]
         outputs = gm.graph.output_node().args[0]

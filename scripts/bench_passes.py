@@ -94,7 +94,7 @@ def generated_code(fn, *args) -> list[str]:
     engine.load_ops()
     # as normzoo compiles (dynamic threads: the omp pragmas are emitted), and with the graph caches off: a graph
     # loaded from them would come without its code
-    with inductor_config.patch({"cpp.dynamic_threads": True, "fx_graph_cache": False}), \
+    with inductor_config.patch({**engine.INDUCTOR_CONFIGS, "fx_graph_cache": False}), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         _, codes = run_and_get_code(torch.compile(fn, dynamic=False, fullgraph=True), *args)
     return codes
