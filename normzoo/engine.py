@@ -832,10 +832,11 @@ def _layer_backward_blocked(spec: NormSpec, needs, x, weight, bias, shift, mean_
 
     The rows are padded to R // ROW_BLOCK + 2 blocks by repeating the last row (a clamped gather: plain loads, where
     zero padding masks every load), and the previous block's rows likewise, the first row repeated before the start;
-    the repeats are left out of the column sums (torch.where) and of dx (a view of the first rows). Measured on an AVX-512 Xeon (lscpu model 167), the backward's kernel-store package of the old and
-    new code and ATen's kernel, interleaved in one process, LayerNorm(768) on 8x197x768: 1 thread 1.19 -> 0.96 ms
-    (ATen 0.75), 2 threads 0.68 -> 0.57 ms (ATen 0.51); more shapes in the README ("LayerNorm backward: in one
-    pass").
+    the repeats are left out of the column sums (torch.where) and of dx (a view of the first rows). Measured on an
+    AVX-512 Xeon (lscpu model 167), the backward's kernel-store package and ATen's kernel, interleaved in one process,
+    LayerNorm(768) on 8x197x768, 1 / 2 threads: two nests 1.19 / 0.68 ms, blocked over the block's own rows 0.96 /
+    0.57 ms (ATen 0.75 / 0.51); later, the previous block's chunks 1.39 -> 1.19 / 0.67 -> 0.60 ms (ATen 0.88 / 0.58);
+    more shapes in the README ("LayerNorm backward: in one pass").
     """
     cd = compute_dtype(x.dtype)
     rows = _layer_rows_view(spec, x)
