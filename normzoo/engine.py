@@ -857,8 +857,9 @@ def _layer_backward_blocked(spec: NormSpec, needs, x, weight, bias, shift, mean_
     def gathered(t: Tensor, at: Tensor) -> Tensor:  # (R, n) -> (blocks, ROW_BLOCK, n), rows `at` clamped into [0, R)
         return t[at.clamp(min=0, max=R - 1)].view(blocks, ROW_BLOCK, n)
 
-    def padded(t: Tensor, front: int = 0) -> Tensor:  # a per-row statistic (R, 1) -> (blocks, ROW_BLOCK, 1), zeros
-        return F.pad(t.to(cd), [0, 0, front, P - R - front]).view(blocks, ROW_BLOCK, 1)  # where no row is
+    # a per-row statistic (R, 1) -> (blocks, ROW_BLOCK, 1), `front` zeros before the rows and zeros past them
+    def padded(t: Tensor, front: int = 0) -> Tensor:
+        return F.pad(t.to(cd), [0, 0, front, P - R - front]).view(blocks, ROW_BLOCK, 1)
 
     dy_rows = flat(dy)
     stats = [flat(t) for t in (shift, mean_d, rstd)]

@@ -526,8 +526,7 @@ def test_layer_norm_backward_sums_columns_in_its_row_pass(case, no_graph_caches)
     (engine._layer_backward_blocked): each block's column sums, then its rows' sums and dx, while the block is in
     cache. The row count is symbolic (as the store builds kernels) and no multiple of the block: the repeated rows past
     the end and before the start add exact zeros, so an infinite dy in the last or the first row gives torch's
-    infinite dbias, not NaN. Gradients against the
-    eager engine and the float64 oracle."""
+    infinite dbias, not NaN. Gradients against the eager engine and the float64 oracle."""
     from torch._inductor.utils import run_and_get_code
 
     from normzoo import engine
