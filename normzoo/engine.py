@@ -870,8 +870,7 @@ def _layer_backward_blocked(spec: NormSpec, needs, x, weight, bias, shift, mean_
     w = None if weight is None else weight.to(cd).reshape(n)
     b = None if bias is None else bias.to(cd).reshape(n)
     xc = xb.to(cd) + (-sb)
-    xhat = (xc - mb) * rb
-    g = _through_activation(spec, dyb.to(cd), xhat, w, b)
+    g = dyb.to(cd)  # (no fused activation on this path: _blocked_row_pass)
     h = n // ROW_BLOCK
 
     def partials(t: Tensor) -> Tensor:  # (blocks, chunk, h): each chunk's sums over its block's rows
@@ -881,8 +880,7 @@ def _layer_backward_blocked(spec: NormSpec, needs, x, weight, bias, shift, mean_
     # (x - 0 - 0) * 0 (a non-finite x makes the whole weight gradient NaN in any case)
     sp, mp, rp = (padded(t, front=ROW_BLOCK) for t in stats)
     xhat_before = ((gathered(x_rows, before).to(cd) + (-sp)) - mp) * rp
-    g_before = _through_activation(spec, gathered(dy_rows, before).to(cd), xhat_before, w, b)
-    g_sums = torch.where(valid_before, g_before, 0)
+    g_sums = torch.where(valid_before, gathered(dy_rows, before).to(cd), 0)
     sums = {}
     if weight is not None and needs[1]:
         sums["weight"] = partials(g_sums * xhat_before)
